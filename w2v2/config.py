@@ -1,0 +1,176 @@
+"""Architecture of a wav2vec 2.0 model: one dataclass, stored inside every checkpoint.
+
+Field names follow Hugging Face's ``Wav2Vec2Config`` so that a ``config.json`` maps onto
+:class:`ModelConfig` field by field. Presets are plain functions (``tiny``, ``small``,
+``base``, ``large``), never flags inside modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    # Feature encoder (waveform X -> latent frames Z, 20 ms stride with the default kernels).
+    conv_dim: tuple[int, ...] = (512, 512, 512, 512, 512, 512, 512)
+    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    conv_bias: bool = False
+    feat_extract_norm: str = "group"  # "group": GroupNorm after conv 0 (BASE); "layer": LayerNorm after each
+    # Transformer (Z -> context C).
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
+    do_stable_layer_norm: bool = False  # pre-LN ("stable layer norm", LARGE-lv60) instead of post-LN
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    # Regularisation (training only).
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    feat_proj_dropout: float = 0.1
+    final_dropout: float = 0.0
+    layerdrop: float = 0.05
+    # Product quantizer (Z -> targets Q) and pretraining projections.
+    num_codevector_groups: int = 2
+    num_codevectors_per_group: int = 320
+    codevector_dim: int = 256
+    proj_codevector_dim: int = 256
+    # CTC head: present when vocab_size is set.
+    vocab_size: int | None = None
+    # Input normalisation applied by the model itself (zero mean, unit variance per utterance).
+    do_normalize: bool = True
+    sampling_rate: int = 16000
+
+    def __post_init__(self) -> None:
+        self.conv_dim = tuple(self.conv_dim)
+        self.conv_kernel = tuple(self.conv_kernel)
+        self.conv_stride = tuple(self.conv_stride)
+        if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
+            raise ValueError(
+                f"conv_dim, conv_kernel and conv_stride must have the same length, got "
+                f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
+            )
+        if self.feat_extract_norm not in ("group", "layer"):
+            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.codevector_dim % self.num_codevector_groups:
+            raise ValueError(
+                f"codevector_dim {self.codevector_dim} is not divisible by "
+                f"num_codevector_groups {self.num_codevector_groups}"
+            )
+
+    @property
+    def frame_stride(self) -> int:
+        """Samples between two latent frames (320 = 20 ms at 16 kHz for the standard encoder)."""
+        return math.prod(self.conv_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples seen by one latent frame (400 = 25 ms for the standard encoder)."""
+        rf = 1
+        for k, s in zip(reversed(self.conv_kernel), reversed(self.conv_stride)):
+            rf = (rf - 1) * s + k
+        return rf
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("conv_dim", "conv_kernel", "conv_stride"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a dict, ignoring unknown keys (so a full HF config.json works)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def base(**overrides) -> ModelConfig:
+    """BASE: 12 post-LN layers, 768 wide, group-norm feature encoder (95M parameters)."""
+    return ModelConfig(**overrides)
+
+
+def large(**overrides) -> ModelConfig:
+    """LARGE-lv60 style: 24 pre-LN layers, 1024 wide, layer-norm feature encoder with conv bias."""
+    cfg = dict(
+        conv_bias=True,
+        feat_extract_norm="layer",
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        do_stable_layer_norm=True,
+        codevector_dim=768,
+        proj_codevector_dim=768,
+        layerdrop=0.1,
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def small(**overrides) -> ModelConfig:
+    """A few million parameters; pretrains on two CPU cores in minutes per epoch of an hour of audio."""
+    cfg = dict(
+        conv_dim=(256, 256, 256, 256, 256, 256, 256),
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        num_conv_pos_embeddings=64,
+        num_conv_pos_embedding_groups=16,
+        num_codevector_groups=2,
+        num_codevectors_per_group=64,
+        codevector_dim=128,
+        proj_codevector_dim=128,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        feat_proj_dropout=0.1,
+        layerdrop=0.0,
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def tiny(**overrides) -> ModelConfig:
+    """For tests: seconds to build and run, all code paths intact."""
+    cfg = dict(
+        conv_dim=(32, 32, 32, 32, 32, 32, 32),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        num_codevector_groups=2,
+        num_codevectors_per_group=8,
+        codevector_dim=16,
+        proj_codevector_dim=16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base, "large": large}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    try:
+        return PRESETS[name](**overrides)
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
