@@ -189,6 +189,14 @@ def sample_negatives(
         LongTensor ``(batch, n, K)`` of frame indices into ``[0, frames)`` (no batch offset).
         Row ``j`` belongs to the j-th masked frame in time order, matching
         :func:`gather_masked`; feed it to :func:`gather_negatives`.
+
+    Compared with Hugging Face ``_sample_negative_indices`` the draw is the same (uniform
+    over the other masked frames of the utterance, shift-by-one trick) but the layout
+    differs: HF returns ``(batch, frames, K)`` for every frame (rows of unmasked frames are
+    filler) with indices offset by ``b * frames`` into the flattened batch, and uses
+    NumPy's global RNG. Convert with
+    ``hf = zeros(batch, frames, K); hf[mask] = (neg + frames * arange(batch)[:, None, None]).view(-1, K)``.
+    fairseq (``cross_sample_negatives=0``) also draws from the masked frames only.
     """
     n = masked_counts(mask)
     batch = mask.shape[0]
