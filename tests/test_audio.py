@@ -110,10 +110,11 @@ def test_mp4_with_video_stream_matches_wav(speech_wav, speech_mp4):
 
 
 @pytest.mark.parametrize("codec,tol", [("pcm_u8", 1 / 64), ("pcm_s16le", 1e-4), ("pcm_s32le", 1e-6), ("pcm_f32le", 0)])
-def test_pyav_sample_formats_are_scaled(tmp_path, codec, tol):
+def test_pyav_sample_formats_scaled_and_downmixed(tmp_path, codec, tol):
     source = tmp_path / "src.wav"
-    signal = sine(8000, SAMPLE_RATE)
-    sf.write(source, signal, SAMPLE_RATE, subtype="FLOAT")
+    left, right = sine(8000, SAMPLE_RATE, 440, 0.6), sine(8000, SAMPLE_RATE, 1000, 0.3)
+    sf.write(source, np.stack([left, right], axis=1), SAMPLE_RATE, subtype="FLOAT")
+    signal = (left + right) / 2
     mkv = tmp_path / f"{codec}.mkv"  # libsndfile cannot read mkv: exercises the PyAV path
     ffmpeg("-i", str(source), "-c:a", codec, str(mkv))
     audio = load_audio(mkv)
