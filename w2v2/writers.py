@@ -1,0 +1,164 @@
+"""Transcript output formats: a registry of tiny writer classes (txt, srt, vtt, json, tsv).
+
+A result is a plain dict::
+
+    {"text": str,
+     "segments": [{"start": s, "end": s, "text": str,
+                   "words": [{"word", "start", "end", "confidence"}]}],
+     "words": [...],          # optional
+     "language": str,         # optional
+     "metadata": {...}}       # model name, options
+
+``get_writer(fmt, output_dir)(result, audio_path)`` writes ``<output_dir>/<stem>.<fmt>``
+atomically and returns the path (a list of paths for ``"all"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .fileio import atomic_open
+
+
+def format_timestamp(seconds: float, decimal_marker: str = ".") -> str:
+    """``1.5 -> "00:00:01.500"``; hours are always written and may exceed 99."""
+    if seconds < 0:
+        raise ValueError(f"timestamp must be non-negative, got {seconds}")
+    ms = round(seconds * 1000)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"
+
+
+def output_stem(audio_path: str | os.PathLike) -> str:
+    """Base name of the output files: the input's stem, ``"stdin"`` for ``"-"``."""
+    audio_path = os.fspath(audio_path)
+    if audio_path == "-":
+        return "stdin"
+    return Path(audio_path.rstrip("/")).stem or "output"
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace (newlines, tabs) so that a cue or a TSV row stays one line."""
+    return " ".join(text.split())
+
+
+class ResultWriter:
+    extension: str
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = Path(output_dir)
+
+    def __call__(self, result: dict, audio_path: str | os.PathLike) -> Path:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"{output_stem(audio_path)}.{self.extension}"
+        with atomic_open(path, "w") as f:
+            self.write_result(result, f)
+        return path
+
+    def write_result(self, result: dict, file: TextIO) -> None:
+        raise NotImplementedError
+
+
+class WriteTXT(ResultWriter):
+    """One line per segment (the whole text when there are no segments)."""
+
+    extension = "txt"
+
+    def write_result(self, result: dict, file: TextIO) -> None:
+        segments = result.get("segments") or []
+        lines = [s["text"].strip() for s in segments] if segments else [result["text"].strip()]
+        for line in lines:
+            print(line, file=file)
+
+
+class SubtitlesWriter(ResultWriter):
+    decimal_marker: str
+
+    def iterate_cues(self, result: dict) -> list[tuple[str, str, str]]:
+        """(start, end, text) for every segment with text."""
+        return [
+            (
+                format_timestamp(s["start"], self.decimal_marker),
+                format_timestamp(s["end"], self.decimal_marker),
+                _one_line(s["text"]).replace("-->", "->"),
+            )
+            for s in result.get("segments") or []
+            if s["text"].strip()
+        ]
+
+
+class WriteSRT(SubtitlesWriter):
+    extension = "srt"
+    decimal_marker = ","
+
+    def write_result(self, result: dict, file: TextIO) -> None:
+        for i, (start, end, text) in enumerate(self.iterate_cues(result), start=1):
+            file.write(f"{i}\n{start} --> {end}\n{text}\n\n")
+
+
+class WriteVTT(SubtitlesWriter):
+    extension = "vtt"
+    decimal_marker = "."
+
+    def write_result(self, result: dict, file: TextIO) -> None:
+        file.write("WEBVTT\n\n")
+        for start, end, text in self.iterate_cues(result):
+            file.write(f"{start} --> {end}\n{text}\n\n")
+
+
+class WriteTSV(ResultWriter):
+    """``start_ms<TAB>end_ms<TAB>text`` per segment, integer milliseconds, with a header row."""
+
+    extension = "tsv"
+
+    def write_result(self, result: dict, file: TextIO) -> None:
+        file.write("start_ms\tend_ms\ttext\n")
+        for s in result.get("segments") or []:
+            file.write(f"{round(s['start'] * 1000)}\t{round(s['end'] * 1000)}\t{_one_line(s['text'])}\n")
+
+
+class WriteJSON(ResultWriter):
+    """The whole result, UTF-8, non-ASCII characters kept as they are."""
+
+    extension = "json"
+
+    def write_result(self, result: dict, file: TextIO) -> None:
+        json.dump(result, file, ensure_ascii=False, indent=2, default=_json_default)
+        file.write("\n")
+
+
+def _json_default(value):
+    """numpy scalars/arrays and paths that may slip into a result."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"result contains a value JSON cannot hold: {type(value).__name__} {value!r}")
+
+
+WRITERS: dict[str, type[ResultWriter]] = {
+    "txt": WriteTXT,
+    "srt": WriteSRT,
+    "vtt": WriteVTT,
+    "json": WriteJSON,
+    "tsv": WriteTSV,
+}
+
+
+def get_writer(fmt: str, output_dir: str | os.PathLike) -> Callable[[dict, str], Path | list[Path]]:
+    """A callable ``(result, audio_path)`` writing format ``fmt`` (or every format for ``"all"``)."""
+    if fmt == "all":
+        writers = [cls(output_dir) for cls in WRITERS.values()]
+
+        def write_all(result: dict, audio_path: str | os.PathLike) -> list[Path]:
+            return [writer(result, audio_path) for writer in writers]
+
+        return write_all
+    if fmt not in WRITERS:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of: {', '.join([*WRITERS, 'all'])}")
+    return WRITERS[fmt](output_dir)
