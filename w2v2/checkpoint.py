@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import convert
 from .config import ModelConfig
+from .fileio import atomic_write_text
 from .model import Wav2Vec2, build_model
 from .vocab import Vocabulary
 
@@ -243,6 +244,7 @@ def _fairseq_vocab(path: Path, size: int) -> Vocabulary:
 
 # --------------------------------------------------------------------------- atomic writes
 def _atomic(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` then move into place, so a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -254,4 +256,4 @@ def _atomic(path: Path, write) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
