@@ -277,3 +277,5 @@ def test_ngram_lm_from_file_normalises(tmp_path):
     assert "ngram 1=6" in text  # <s> </s> <unk> HELLO WORLD THERE
     with pytest.raises(ValueError, match="no words"):
         build_ngram_lm(["?!"], tmp_path / "empty.arpa")
+    with pytest.raises(ValueError, match="order must be >= 2"):
+        build_ngram_lm(src, tmp_path / "lm1.arpa", order=1)

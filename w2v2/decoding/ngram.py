@@ -125,8 +125,8 @@ def build_ngram_lm(
     """Interpolated Kneser-Ney n-gram LM of normalised text (words in ``case``, matching the
     vocabulary) written as ARPA to ``out_path``; returns the path. Loads with
     ``kenlm.Model`` and ``BeamSearchDecoder(lm_path=...)``."""
-    if order < 1:
-        raise ValueError(f"order must be >= 1, got {order}")
+    if order < 2:
+        raise ValueError(f"order must be >= 2 (KenLM cannot load unigram models), got {order}")
     sentences = read_sentences(text_file_or_lines, case=case)
     if not sentences:
         raise ValueError("build_ngram_lm: no words in the text after normalisation")
