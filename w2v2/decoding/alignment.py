@@ -43,43 +43,80 @@ def ctc_forced_align(log_probs, targets, blank: int) -> torch.Tensor:
         )
     ext = torch.full((2 * n_targets + 1,), blank, dtype=torch.long)  # (states,)
     ext[1::2] = targets
-    states = _viterbi_states(lp[:, ext], ext, blank)  # (time,)
+    states = _viterbi_states(lp.numpy(), ext.numpy(), blank)  # (time,)
     return ext[states]
 
 
-def _viterbi_states(emit: torch.Tensor, ext: torch.Tensor, blank: int) -> torch.Tensor:
-    """emit (time, states) log-prob of each state's token per frame -> best state per frame.
+MAX_BACKPOINTERS = 1 << 26  # bytes of back pointers held at once (64 MiB); beyond, recompute blocks
+
+
+def _viterbi_states(lp: np.ndarray, ext: np.ndarray, blank: int, max_backpointers: int = MAX_BACKPOINTERS
+                    ) -> torch.Tensor:
+    """lp (time, vocab) log-probs, ext (states,) token of each state -> best state per frame.
 
     State s may be reached from s (stay), s-1 (step) or s-2 (skip a blank between two
     different tokens). The loop over time runs in numpy: per-frame work is small, and
-    torch's per-op overhead would dominate.
+    torch's per-op overhead would dominate. Memory stays bounded for long audio: back
+    pointers (1 byte per frame and state) are kept for at most ``max_backpointers`` bytes;
+    a longer alignment keeps the scores at the start of each block of frames and recomputes
+    one block at a time while tracing back (twice the time, the same result).
     """
-    emit_np, ext_np = emit.double().numpy(), ext.numpy()
-    n_frames, n_states = emit_np.shape
+    n_frames, n_states = lp.shape[0], len(ext)
     if n_frames == 0:
         return torch.zeros(0, dtype=torch.long)
-    can_skip = np.zeros(n_states, dtype=bool)  # may come from state s-2
-    can_skip[2:] = (ext_np[2:] != blank) & (ext_np[2:] != ext_np[:-2])
-    alpha = np.full(n_states, -np.inf)
-    alpha[:2] = emit_np[0, :2]
-    back = np.zeros((n_frames, n_states), dtype=np.int8)  # 0 stay, 1 step, 2 skip
-    cand = np.full((3, n_states), -np.inf)  # (stay/step/skip, states)
-    for t in range(1, n_frames):
-        cand[0] = alpha
-        cand[1, 1:] = alpha[:-1]
-        cand[2, 2:] = np.where(can_skip[2:], alpha[:-2], -np.inf)
-        back[t] = cand.argmax(0)
-        alpha = cand.max(0) + emit_np[t]
+    trellis = _Trellis(lp, ext, blank)
+    block = max(1, min(n_frames, max_backpointers // n_states))
+    starts = list(range(0, n_frames, block))
+    alpha = trellis.initial()
+    before_block = []  # scores before each block's first frame
+    for b0 in starts:
+        before_block.append(alpha)
+        alpha = trellis.advance(alpha, b0, min(b0 + block, n_frames), keep_back=len(starts) == 1)
     s = n_states - 1
     if n_states > 1 and alpha[n_states - 2] > alpha[n_states - 1]:
         s = n_states - 2
     if alpha[s] == -np.inf:
         raise ValueError("no alignment has non-zero probability: the emission rules out a needed token")
     out = np.empty(n_frames, dtype=np.int64)
-    for t in range(n_frames - 1, -1, -1):
-        out[t] = s
-        s -= int(back[t, s])
+    for b0, alpha in zip(reversed(starts), reversed(before_block)):
+        b1 = min(b0 + block, n_frames)
+        if len(starts) > 1:
+            trellis.advance(alpha, b0, b1, keep_back=True)
+        for t in range(b1 - 1, b0 - 1, -1):
+            out[t] = s
+            s -= int(trellis.back[t - b0, s])
     return torch.from_numpy(out)
+
+
+class _Trellis:
+    """The Viterbi recursion over the 2·length+1 CTC states, one frame at a time."""
+
+    def __init__(self, lp: np.ndarray, ext: np.ndarray, blank: int):
+        self.lp, self.ext = lp, ext
+        self.can_skip = np.zeros(len(ext), dtype=bool)  # may come from state s-2
+        self.can_skip[2:] = (ext[2:] != blank) & (ext[2:] != ext[:-2])
+        self.cand = np.full((3, len(ext)), -np.inf)  # (stay/step/skip, states)
+        self.back = np.zeros((0, len(ext)), dtype=np.int8)  # 0 stay, 1 step, 2 skip
+
+    def initial(self) -> np.ndarray:
+        """Scores "before frame 0": only state 0, so frame 0 may start in state 0 or 1."""
+        alpha = np.full(len(self.ext), -np.inf)
+        alpha[0] = 0.0
+        return alpha
+
+    def advance(self, alpha: np.ndarray, t0: int, t1: int, keep_back: bool) -> np.ndarray:
+        """Scores after frames t0..t1-1, given those before t0; back pointers in ``self.back``."""
+        if keep_back:
+            self.back = np.zeros((t1 - t0, len(self.ext)), dtype=np.int8)
+        cand = self.cand
+        for t in range(t0, t1):
+            cand[0] = alpha
+            cand[1, 1:] = alpha[:-1]
+            cand[2, 2:] = np.where(self.can_skip[2:], alpha[:-2], -np.inf)
+            if keep_back:
+                self.back[t - t0] = cand.argmax(0)
+            alpha = cand.max(0) + self.lp[t, self.ext]
+        return alpha
 
 
 def align_text(

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from w2v2.decoding.alignment import align_text
-from w2v2.decoding.types import DecodedText, check_emissions
+from w2v2.decoding.types import Char, DecodedText, Word, check_emissions
 from w2v2.vocab import SPECIALS, Vocabulary
 
 _PRIVATE_USE = 0xF0000  # specials become private-use characters (plane 15), removed from the output
@@ -103,6 +103,16 @@ class BeamSearchDecoder:
         text = " ".join(strip_specials(beams[0][0]).split())
         return align_text(log_probs, text, self.vocab, self.frame_seconds, normalize=False)
 
+    def decode_long(self, logits, max_frames: int = 1500) -> DecodedText:
+        """``decode`` for audio of any length: the emission is cut into windows of at most
+        ``max_frames`` frames (30 s) at pauses (see ``decoding_windows``), each window is
+        searched and aligned on its own, and the results are joined with their times shifted.
+        The LM context restarts at each cut; search and alignment costs stay per window."""
+        log_probs = check_emissions(logits, self.vocab)  # (time, vocab)
+        is_blank = log_probs.argmax(-1) == self.vocab.blank_index
+        parts = [(a, self.decode(log_probs[a:b])) for a, b in decoding_windows(is_blank, max_frames)]
+        return join_decoded(parts, self.frame_seconds)
+
     def decode_batch(self, logits, lengths=None) -> list[DecodedText]:
         """logits (batch, time, vocab), lengths (batch,) valid frames per item (None: all)."""
         logits = torch.as_tensor(logits)
@@ -111,3 +121,48 @@ class BeamSearchDecoder:
         if lengths is None:
             lengths = [logits.shape[1]] * logits.shape[0]
         return [self.decode(x[: int(n)]) for x, n in zip(logits, lengths)]
+
+
+def decoding_windows(is_blank, max_frames: int) -> list[tuple[int, int]]:
+    """Cut ``time`` frames into consecutive windows ``(start, end)`` of at most ``max_frames``.
+
+    is_blank (time,) bool: frames whose best token is the blank. Each cut falls in the middle
+    of the longest run of blank frames in the second half of the window (a pause, so that no
+    token is split), or at the window's end when that half has no blank frame.
+    """
+    is_blank = torch.as_tensor(is_blank, dtype=torch.bool).reshape(-1)
+    if max_frames < 2:
+        raise ValueError(f"max_frames must be at least 2, got {max_frames}")
+    n, start, windows = is_blank.numel(), 0, []
+    while n - start > max_frames:
+        lo, hi = start + max_frames // 2, start + max_frames
+        middle = _middle_of_longest_run(is_blank[lo:hi])
+        cut = hi if middle is None else lo + middle
+        windows.append((start, cut))
+        start = cut
+    windows.append((start, n))
+    return windows
+
+
+def _middle_of_longest_run(mask: torch.Tensor) -> int | None:
+    """Index in the middle of the longest run of True values (the first one on ties); None if none."""
+    if not bool(mask.any()):
+        return None
+    padded = torch.cat([torch.tensor([False]), mask, torch.tensor([False])]).int()
+    edges = padded.diff()
+    starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+    longest = int((ends - starts).argmax())
+    return int(starts[longest] + ends[longest]) // 2
+
+
+def join_decoded(parts: list[tuple[int, DecodedText]], frame_seconds: float) -> DecodedText:
+    """Consecutive window results ``(first frame, DecodedText)`` -> one, times in the whole emission."""
+    out = DecodedText(text="")
+    for offset, d in parts:
+        shift = offset * frame_seconds
+        out.tokens += d.tokens
+        out.token_frames += [f + offset for f in d.token_frames]
+        out.words += [Word(w.word, w.start + shift, w.end + shift, w.confidence) for w in d.words]
+        out.chars += [Char(c.char, c.start + shift, c.end + shift, c.confidence) for c in d.chars]
+    out.text = " ".join(w.word for w in out.words)
+    return out

@@ -18,6 +18,16 @@ def greedy_decode(logits, vocab: Vocabulary, frame_seconds: float = 0.02) -> Dec
     """
     log_probs = check_emissions(logits, vocab)  # (time, vocab)
     best_log_prob, path = log_probs.max(-1)  # (time,), (time,)
+    return greedy_decode_path(path, best_log_prob, vocab, frame_seconds)
+
+
+def greedy_decode_path(path, best_log_prob, vocab: Vocabulary, frame_seconds: float = 0.02) -> DecodedText:
+    """``greedy_decode`` from what it keeps of each frame: path (time,) the best token id,
+    best_log_prob (time,) its log-probability. Long audio needs only these two numbers per frame."""
+    path = torch.as_tensor(path, dtype=torch.long).reshape(-1)
+    best_log_prob = torch.as_tensor(best_log_prob).reshape(-1).float()
+    if path.shape != best_log_prob.shape:
+        raise ValueError(f"path {tuple(path.shape)} and best_log_prob {tuple(best_log_prob.shape)} differ in length")
     tokens, starts, ends = ctc_collapse(path, vocab.blank_index)
     chars, words = spans_from_runs(tokens, starts, ends, best_log_prob.exp(), vocab, frame_seconds)
     return DecodedText(

@@ -93,14 +93,15 @@ def spans_from_runs(
     unless ``texts`` (one string per run, e.g. the transcript's characters) names them.
     """
     skip = set(SPECIALS) | {vocab.blank, vocab.unk}
-    cumsum = torch.cat([torch.zeros(1, dtype=torch.float64), frame_scores.double().cumsum(0)])
+    # a Python list: indexed once per token, which for an hour of audio is ~10^5 times
+    cumsum = torch.cat([torch.zeros(1, dtype=torch.float64), frame_scores.double().cumsum(0)]).tolist()
     chars: list[Char] = []
     words: list[Word] = []
     current: list[tuple[str, int, int]] = []  # (char, start frame, end frame)
 
     def close_word() -> None:
         if current:
-            score = sum(float(cumsum[e] - cumsum[s]) for _, s, e in current)
+            score = sum(cumsum[e] - cumsum[s] for _, s, e in current)
             n_frames = sum(e - s for _, s, e in current)
             text = "".join(c for c, _, _ in current)
             start, end = current[0][1] * frame_seconds, current[-1][2] * frame_seconds
@@ -113,7 +114,7 @@ def spans_from_runs(
         if token == vocab.word_delimiter_index:
             close_word()
         elif t:
-            confidence = float(cumsum[e] - cumsum[s]) / (e - s)
+            confidence = (cumsum[e] - cumsum[s]) / (e - s)
             chars.append(Char(t, s * frame_seconds, e * frame_seconds, confidence))
             current.append((t, s, e))
     close_word()
