@@ -15,8 +15,10 @@ from w2v2.decoding import (
     ctc_collapse,
     ctc_forced_align,
     ctc_labels,
+    decoding_windows,
     greedy_decode,
     greedy_decode_batch,
+    greedy_decode_path,
     segment_words,
 )
 from w2v2.vocab import Vocabulary
@@ -279,3 +281,46 @@ def test_ngram_lm_from_file_normalises(tmp_path):
         build_ngram_lm(["?!"], tmp_path / "empty.arpa")
     with pytest.raises(ValueError, match="order must be >= 2"):
         build_ngram_lm(src, tmp_path / "lm1.arpa", order=1)
+
+
+# ---------------------------------------------------------------- long audio
+
+
+def test_greedy_from_path_equals_greedy():
+    lp = torch.randn(40, len(VOCAB), generator=torch.Generator().manual_seed(3))
+    best, path = lp.log_softmax(-1).max(-1)
+    assert greedy_decode_path(path, best, VOCAB) == greedy_decode(lp, VOCAB)
+    with pytest.raises(ValueError, match="differ in length"):
+        greedy_decode_path(path, best[:-1], VOCAB)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 64, 10**9])
+def test_viterbi_in_blocks_equals_one_pass(budget, monkeypatch):
+    """Recomputing blocks of back pointers (bounded memory) gives the very same path."""
+    from w2v2.decoding import alignment
+
+    gen = torch.Generator().manual_seed(budget)
+    lp = torch.randn(57, len(VOCAB), generator=gen).log_softmax(-1)
+    targets = torch.tensor([ID[c] for c in "CATS|HOST|A"])
+    full = ctc_forced_align(lp, targets, blank=0)
+    monkeypatch.setattr(alignment, "MAX_BACKPOINTERS", budget * (2 * len(targets) + 1))
+    assert torch.equal(ctc_forced_align(lp, targets, blank=0), full)
+
+
+def test_decoding_windows_cut_in_pauses():
+    is_blank = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    assert decoding_windows(is_blank, 100) == [(0, 18)]
+    assert decoding_windows(is_blank, 6) == [(0, 4), (4, 8), (8, 14), (14, 18)]  # middles of blank runs, else hard
+    assert decoding_windows(torch.zeros(10, dtype=torch.bool), 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_beam_decode_long_joins_windows_with_shifted_times():
+    decoder = BeamSearchDecoder(VOCAB, beam_width=8)
+    lp = emission(["_", "C", "A", "T", "|", "_", "_", "_", "H", "O", "T", "|", "_", "_"] * 3)
+    whole = decoder.decode(lp)
+    assert whole.text == "CAT HOT CAT HOT CAT HOT"
+    long = decoder.decode_long(lp, max_frames=10)  # cuts fall in the runs of blanks
+    assert long.text == whole.text
+    assert [(w.word, round(w.start, 2), round(w.end, 2)) for w in long.words] == [
+        (w.word, round(w.start, 2), round(w.end, 2)) for w in whole.words]
+    assert long.tokens == whole.tokens and VOCAB.decode(long.tokens) == long.text

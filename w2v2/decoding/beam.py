@@ -111,7 +111,7 @@ class BeamSearchDecoder:
         log_probs = check_emissions(logits, self.vocab)  # (time, vocab)
         is_blank = log_probs.argmax(-1) == self.vocab.blank_index
         parts = [(a, self.decode(log_probs[a:b])) for a, b in decoding_windows(is_blank, max_frames)]
-        return join_decoded(parts, self.frame_seconds)
+        return join_decoded(parts, self.frame_seconds, self.vocab.word_delimiter_index)
 
     def decode_batch(self, logits, lengths=None) -> list[DecodedText]:
         """logits (batch, time, vocab), lengths (batch,) valid frames per item (None: all)."""
@@ -155,11 +155,16 @@ def _middle_of_longest_run(mask: torch.Tensor) -> int | None:
     return int(starts[longest] + ends[longest]) // 2
 
 
-def join_decoded(parts: list[tuple[int, DecodedText]], frame_seconds: float) -> DecodedText:
-    """Consecutive window results ``(first frame, DecodedText)`` -> one, times in the whole emission."""
+def join_decoded(parts: list[tuple[int, DecodedText]], frame_seconds: float,
+                 word_delimiter: int | None = None) -> DecodedText:
+    """Consecutive window results ``(first frame, DecodedText)`` -> one, times in the whole emission.
+    Windows end between words: ``word_delimiter`` (a token id) is put between their tokens."""
     out = DecodedText(text="")
     for offset, d in parts:
         shift = offset * frame_seconds
+        if word_delimiter is not None and out.words and d.words:
+            out.tokens.append(word_delimiter)
+            out.token_frames.append(offset)
         out.tokens += d.tokens
         out.token_frames += [f + offset for f in d.token_frames]
         out.words += [Word(w.word, w.start + shift, w.end + shift, w.confidence) for w in d.words]
