@@ -187,3 +187,22 @@ def test_precision_resolution_and_bf16_autocast(speech):
     ref = single_pass(model, speech[:64000])
     assert em.frames == ref.shape[0]
     assert (em.best_log_prob - ref.max(-1).values).abs().max() < 0.1  # bf16 keeps 8 bits of mantissa
+
+
+# ---------------------------------------------------------------- GPU (skipped without one)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu_and_bf16_stays_close():
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(10 * SAMPLE_RATE)).astype(np.float32)
+    model = tiny_ctc_model(LETTERS)
+    plan = plan_chunks(4.0, 1.0, model.config)
+    ((_, cpu),) = compute_emissions(model, [(0, audio)], plan, batch_size=3)
+    model.cuda()
+    ((_, gpu),) = compute_emissions(model, [(0, audio)], plan, batch_size=3, device="cuda", precision="fp32")
+    ((_, bf16),) = compute_emissions(model, [(0, audio)], plan, batch_size=3, device="cuda", precision="bf16")
+    assert gpu.frames == bf16.frames == cpu.frames
+    assert (gpu.best_log_prob - cpu.best_log_prob).abs().max() < 1e-2  # cuDNN convolutions may use TF32
+    assert (bf16.best_log_prob - cpu.best_log_prob).abs().max() < 0.1
+    assert resolve_precision(torch.device("cuda"), "auto") == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from tests.conftest import longest_clip, read_manifest
 from tests.test_writers import parse_cues
@@ -279,3 +281,63 @@ def test_cli_align(tiny_model_dir, long_clip, tmp_path, capsys):
     assert " ".join(text for _, _, text in cues) == "THE WORDS AS TEXT"
     assert main(["align", str(path), "word " * 400, "--model", str(tiny_model_dir)]) == 1
     assert capsys.readouterr().err.startswith(f"w2v2 align: error: {path}: transcript too long")
+
+
+# ---------------------------------------------------------------- memory (slow)
+
+PEAK_RSS = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from w2v2 import load_model
+from w2v2.transcribe import transcribe
+result = transcribe(load_model(sys.argv[1]), sys.argv[2])
+assert result["metadata"]["duration"] > 0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def tile_speech(path: Path, clips: list[Path], seconds: float) -> Path:
+    """A long 16 kHz wav of real clips repeated, written block by block (never whole in memory)."""
+    pieces = [load_audio(c) for c in clips]
+    need = int(seconds * SAMPLE_RATE)
+    with sf.SoundFile(path, "w", samplerate=SAMPLE_RATE, channels=1, subtype="PCM_16") as out:
+        i = 0
+        while need > 0:
+            block = np.clip(pieces[i % len(pieces)][:need], -1, 1)
+            out.write(block)
+            need -= len(block)
+            i += 1
+    return path
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_length(tiny_model_dir, short_clips, long_clip, tmp_path):
+    """One hour of audio costs about what two minutes cost: the file is streamed in chunks and
+    only a few bytes per frame are kept. A whole float32 waveform alone would add 230 MB."""
+    peak = {}
+    for seconds in (120, 3600):
+        wav = tile_speech(tmp_path / f"{seconds}.wav", [*short_clips, long_clip[0]], seconds)
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tiny_model_dir), str(wav)],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        peak[seconds] = int(proc.stdout.split()[-1])
+        wav.unlink()
+    assert peak[3600] - peak[120] < 100, peak  # MB: the result's words and characters grow, nothing else
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cli_on_cuda(tmp_path):
+    from tests.conftest import tiny_ctc_model
+    from w2v2.checkpoint import save_pretrained
+
+    model_dir = save_pretrained(tiny_ctc_model(["abcdefghijklmnopqrstuvwxyz"]), tmp_path / "model")
+    wav = tmp_path / "noise.wav"
+    sf.write(wav, (0.1 * np.random.default_rng(0).standard_normal(40 * SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE)
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert cli(wav, "--model", model_dir, "--device", "cuda", "--precision", precision, "-f", "all", "-o", out) == 0
+        result = json.loads((out / "noise.json").read_text())
+        assert result["metadata"]["options"]["device"].startswith("cuda")
+        assert result["metadata"]["options"]["precision"] == precision
+        assert result["metadata"]["options"]["batch_size"] == 8
+        check_result(result, 40.0)
