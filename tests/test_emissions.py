@@ -170,6 +170,18 @@ def test_files_share_batches_and_results_keep_order(speech):
         torch.testing.assert_close(dict(together)[key].best_log_prob, alone[key].best_log_prob, atol=1e-4, rtol=0)
 
 
+def test_model_errors_are_raised_not_blamed_on_an_input(speech, monkeypatch):
+    model = tiny_ctc_model(LETTERS)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "forward", broken)
+    plan = plan_chunks(4.0, 1.0, model.config)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(compute_emissions(model, [("a", speech), ("b", speech)], plan, batch_size=2))
+
+
 # ---------------------------------------------------------------- precision
 
 

@@ -235,8 +235,7 @@ class _Job:
 class _FileState:
     key: object
     emissions: Emissions
-    chunks: Iterator[Chunk]
-    error: BaseException | None = None
+    error: BaseException | None = None  # why the input could not be read
     pending: int = 0  # chunks sent to the model, not yet back
     done_reading: bool = False
 
@@ -256,11 +255,11 @@ def compute_emissions(
     ``(key, Emissions)``, or ``(key, exception)`` for an input that could not be read
     (the others go on). Chunks of consecutive files share batches of ``batch_size``.
     ``on_chunk(key, seconds)`` reports progress after each batch, in seconds of audio.
+    Errors of the model itself (out of memory, say) are raised.
     """
     device = torch.device(device)
     states: list[_FileState] = []  # files with chunks in flight, in input order
     batch: list[_Job] = []
-    sources = iter(sources)
 
     def finished() -> Iterator[tuple[object, Emissions | BaseException]]:
         while states and states[0].done_reading and states[0].pending == 0:
@@ -268,28 +267,32 @@ def compute_emissions(
             yield st.key, (st.error if st.error is not None else st.emissions)
 
     for key, source in sources:
-        state = _FileState(key, Emissions(keep_log_probs), iter(()))
+        state = _FileState(key, Emissions(keep_log_probs))
         states.append(state)
-        try:
-            state.chunks = iter_chunks(audio_blocks(source, block_seconds=plan.chunk / SAMPLE_RATE), plan)
-            for chunk in state.chunks:
-                if chunk.last:
-                    state.emissions.samples = chunk.start + len(chunk.audio)
-                if chunk.keep_end <= chunk.keep_start:  # shorter than one frame: nothing to run
-                    continue
-                batch.append(_Job(state, chunk))
-                state.pending += 1
-                if len(batch) == batch_size:
-                    _run_batch(model, batch, device, precision, on_chunk)
-                    batch = []
-                    yield from finished()
-        except Exception as e:  # one bad input: report it, go on with the next
-            state.error = e
+        for chunk in _read_chunks(state, source, plan):
+            if chunk.last:
+                state.emissions.samples = chunk.start + len(chunk.audio)
+            if chunk.keep_end <= chunk.keep_start:  # shorter than one frame: nothing to run
+                continue
+            batch.append(_Job(state, chunk))
+            state.pending += 1
+            if len(batch) == batch_size:
+                _run_batch(model, batch, device, precision, on_chunk)
+                batch = []
+                yield from finished()
         state.done_reading = True
         yield from finished()
     if batch:
         _run_batch(model, batch, device, precision, on_chunk)
     yield from finished()
+
+
+def _read_chunks(state: _FileState, source: AudioInput, plan: ChunkPlan) -> Iterator[Chunk]:
+    """The chunks of one input; a failure to read it ends them and is kept in ``state.error``."""
+    try:
+        yield from iter_chunks(audio_blocks(source, block_seconds=plan.chunk / SAMPLE_RATE), plan)
+    except Exception as e:  # one bad input: report it, go on with the next
+        state.error = e
 
 
 def _run_batch(model: Wav2Vec2, batch: list[_Job], device: torch.device, precision: str,

@@ -122,9 +122,10 @@ class Transcriber:
                 yield key, em
                 continue
             try:
-                yield key, self.result(self.decode(em), em, task="transcribe")
-            except Exception as e:
-                yield key, e
+                result = self.result(self.decode(em), em, task="transcribe")
+            except Exception as e:  # e.g. a decoding failure: this input only
+                result = e
+            yield key, result
 
     def decode(self, em: Emissions) -> DecodedText:
         if self._beam is None:
