@@ -105,15 +105,25 @@ def resolve_inputs(inputs) -> list[Item]:
             continue
         x = os.fspath(x)
         if is_manifest(x):
-            for row in read_manifest(x):
-                seconds = float(row["seconds"]) if row.get("seconds") else None
-                items.append(Item(row["audio"], row["audio"], _strip(row["path"]), row, seconds))
+            items.extend(rows_to_items(read_manifest(x)))
         elif os.path.isdir(x):
             for f in list_audio_files([x]):
                 items.append(Item(f, f, _strip(os.path.relpath(f, x))))
         else:
             items.append(Item(x, x, _strip(os.path.basename(x))))
     _check_unique(items)
+    return items
+
+
+def rows_to_items(rows: list[dict]) -> list[Item]:
+    """Rows of :func:`read_manifest` -> items (the ``seconds`` column, if any, orders batches)."""
+    items = []
+    for row in rows:
+        try:
+            seconds = float(row["seconds"]) if row.get("seconds") else None
+        except ValueError:
+            seconds = None
+        items.append(Item(row["audio"], row["audio"], _strip(row["path"]), row, seconds))
     return items
 
 
