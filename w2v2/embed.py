@@ -198,6 +198,8 @@ def embed(model: Wav2Vec2, inputs, *, layers="all", pool: str = "mean", batch_si
 def _duration(item: Item) -> float:
     if item.seconds is not None:
         return item.seconds
+    if isinstance(item.source, np.ndarray):
+        return len(item.source) / SAMPLE_RATE
     try:
         return audio_duration(item.source) or 0.0
     except (AudioError, OSError):
@@ -239,11 +241,20 @@ def _embed_batch(model: Wav2Vec2, batch: list[tuple[int, Item]], layers: list[in
     return results
 
 
+def padded_length(n: int) -> int:
+    """Round a batch's length up to one of few sizes: a multiple of max(4000, 2^(floor(log2 n) - 3))
+    samples, so under 0.25 s or 12.5% longer (padding is exact). On CPU, oneDNN caches tens of MB per
+    distinct convolution shape (measured: ~35-50 MB per shape for ``small``): without buckets a
+    corpus of varied durations grows memory with every batch."""
+    step = max(4000, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
 @torch.inference_mode()
 def _forward(model: Wav2Vec2, wavs: list[np.ndarray], num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded batch -> hidden states (num_layers+1, batch, frames, dim) and valid frames (batch,)."""
     lengths = torch.tensor([len(w) for w in wavs])
-    x = torch.zeros(len(wavs), int(lengths.max()))  # (batch, samples)
+    x = torch.zeros(len(wavs), padded_length(int(lengths.max())))  # (batch, samples)
     for b, w in enumerate(wavs):
         x[b, :len(w)] = torch.from_numpy(w)
     dev = model.device

@@ -186,7 +186,7 @@ def _choose_C(xtr, ytr, Cs, folds, groups, seed) -> float:
     search = ms.GridSearchCV(clf, {"logisticregression__C": Cs}, cv=cv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sk.exceptions.ConvergenceWarning)
-        search.fit(xtr, ytr, groups=groups)
+        search.fit(xtr, ytr, **({} if groups is None else {"groups": groups}))
     return float(search.best_params_["logisticregression__C"])
 
 
