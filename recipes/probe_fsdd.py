@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and BLAS (1 is much faster on a busy machine)")
     return p.parse_args(argv)
 
 
@@ -132,6 +133,11 @@ def _max_layers(results: dict, task: str) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, items = load_rows(Path(args.data), args.limit)
@@ -144,7 +150,9 @@ def main(argv=None) -> int:
             print(f"{name}: {source}", file=sys.stderr)
             model = open_model(source, Path(tmp), args.device)
             t0 = time.time()
-            x, layers, kept, errors = pooled_features(model, items, batch_size=args.batch_size)
+            with tqdm(total=len(items), desc="embedding", unit="file", file=sys.stderr) as bar:
+                x, layers, kept, errors = pooled_features(model, items, batch_size=args.batch_size,
+                                                          device=args.device, progress=lambda e: bar.update(1))
             results["models"][name] = {"source": source, "embed_seconds": round(time.time() - t0, 1),
                                        "skipped": len(errors), "tasks": run_tasks(x, layers, rows, kept, splits, args)}
             del model

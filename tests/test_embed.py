@@ -115,6 +115,10 @@ def test_resolve_layers():
     assert resolve_layers("0,2", 4) == [0, 2]
     with pytest.raises(ValueError, match="layers 0..4"):
         resolve_layers(5, 4)
+    with pytest.raises(ValueError, match="layers 0..3"):  # raised by the call, before iterating
+        embed(tiny_model(), waves(), layers=[1, 9])
+    with pytest.raises(ValueError, match="pool"):
+        embed(tiny_model(), waves(), pool="max")
 
 
 def test_bad_inputs_are_reported_and_others_processed(tmp_path):

@@ -171,12 +171,14 @@ def resolve_layers(layers, num_hidden_layers: int) -> list[int]:
 # --------------------------------------------------------------------------- embedding
 def embed(model: Wav2Vec2, inputs, *, layers="all", pool: str = "mean", batch_size: int = 8,
           device: str | torch.device | None = None) -> Iterator[Embedding]:
-    """Yield one :class:`Embedding` per input, in order of increasing duration (see ``.index``).
+    """Iterate over one :class:`Embedding` per input, in order of increasing duration (see ``.index``).
 
     ``inputs``: see :func:`resolve_inputs` (or a list of :class:`Item`). ``layers``: ``"all"``,
     an int, or a list (see :func:`resolve_layers`). ``pool``: ``"mean"`` over the valid frames,
     or ``"none"``. Only ``max(layers)`` Transformer layers run. ``device`` moves the model there
-    (default: where it is). Inputs that cannot be used come back with ``error`` set."""
+    (default: where it is); the model is put in eval mode. Each file is embedded whole (attention
+    cost grows with the square of its length: cut hour-long recordings first). Inputs that cannot
+    be used come back with ``error`` set. Arguments are checked here, before the first item."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if batch_size < 1:
@@ -189,10 +191,15 @@ def embed(model: Wav2Vec2, inputs, *, layers="all", pool: str = "mean", batch_si
     if device is not None:
         model.to(device)
     model.eval()
+    return _embed_all(model, items, layer_ids, pool, batch_size)
+
+
+def _embed_all(model: Wav2Vec2, items: list[Item], layers: list[int], pool: str,
+               batch_size: int) -> Iterator[Embedding]:
     order = sorted(range(len(items)), key=lambda i: _duration(items[i]))
     for start in range(0, len(order), batch_size):
         batch = [(i, items[i]) for i in order[start:start + batch_size]]
-        yield from _embed_batch(model, batch, layer_ids, pool)
+        yield from _embed_batch(model, batch, layers, pool)
 
 
 def _duration(item: Item) -> float:
