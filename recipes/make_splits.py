@@ -12,7 +12,8 @@ writes into OUT_DIR (default /work/runs/splits; keep it out of the repository):
     README.txt          what each file holds (utterances, speakers, hours)
 
 Each file is a manifest with the header ``path seconds speaker text``; paths are absolute,
-texts are the corpus's own (normalisation happens in training and scoring).
+texts are the corpus's own, byte for byte (normalisation happens in training and scoring;
+manifests are read without CSV quoting, as ``w2v2.data.read_manifest`` does).
 
 The small training subsets spread over as many speakers as possible: the training speakers
 are shuffled, each speaker's utterances are shuffled, then utterances are taken round-robin
@@ -39,7 +40,7 @@ FIELDS = ("path", "seconds", "speaker", "text")
 def read_manifest(path: Path) -> list[dict]:
     """Rows of a manifest with ``path`` made absolute (relative paths are relative to the manifest)."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if rows and set(FIELDS) - set(rows[0]):
         raise SystemExit(f"{path}: header must hold {' '.join(FIELDS)}, got {' '.join(rows[0])}")
     for r in rows:
@@ -49,7 +50,8 @@ def read_manifest(path: Path) -> list[dict]:
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, delimiter="\t", lineterminator="\n", extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=FIELDS, delimiter="\t", lineterminator="\n",
+                           extrasaction="ignore", quoting=csv.QUOTE_NONE, quotechar=None)
         w.writeheader()
         w.writerows(rows)
 
