@@ -182,19 +182,16 @@ class PocketSphinxEngine:
 
 
 # --------------------------------------------------------------------------- evaluation
-def read_utterances(manifest: str | Path) -> list[Utterance]:
-    """``path`` and ``text`` columns of a manifest; relative paths are relative to the manifest."""
-    import csv
+def read_utterances(inputs: str | Path | list) -> list[Utterance]:
+    """Utterances of manifests (or folders holding a ``manifest.tsv``), via :func:`w2v2.data.list_entries`."""
+    from .data import list_entries
 
-    manifest = Path(manifest)
-    try:
-        with open(manifest, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-    except OSError as e:
-        raise FileNotFoundError(f"{manifest}: cannot read manifest ({e.strerror})") from e
-    if not rows or not {"path", "text"} <= set(rows[0]):
-        raise ValueError(f"{manifest}: needs a header with 'path' and 'text' columns and at least one row")
-    return [Utterance(str(manifest.parent / r["path"]), r["text"] or "") for r in rows]
+    entries = list_entries([inputs] if isinstance(inputs, (str, Path)) else inputs)
+    missing = [e.path for e in entries if e.text is None]
+    if missing:
+        raise ValueError(f"{inputs}: {len(missing)} utterances have no transcript (a 'text' column), "
+                         f"e.g. {missing[0]}")
+    return [Utterance(e.path, e.text) for e in entries]
 
 
 def evaluate(engine: Engine, utterances: list[Utterance], chunk: int = 256, progress=None) -> EvalResult:
