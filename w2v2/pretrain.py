@@ -63,8 +63,8 @@ def pretraining_step(model: Wav2Vec2, waveforms: Tensor, lengths: Tensor | None,
     """Losses for a given mask (batch, frames) and negatives (batch, n, K): the deterministic core.
 
     Returns :func:`w2v2.losses.pretraining_loss`'s dict (``total``, ``contrastive``, ``diversity``,
-    ``penalty``, ``accuracy``, ``n_masked``) plus ``prob_perplexity``, ``code_perplexity`` and the
-    model output ``out``.
+    ``penalty``, ``accuracy``, ``n_masked``) plus ``prob_perplexity``, ``code_perplexity``, the
+    contrastive ``logits`` (batch, n, 1 + K) and the model output ``out``.
     """
     out = model.forward_pretraining(waveforms, lengths, mask)
     targets = out.projected_quantized  # (batch, frames, dim)
@@ -78,7 +78,7 @@ def pretraining_step(model: Wav2Vec2, waveforms: Tensor, lengths: Tensor | None,
         code_ppl = codebook_perplexity(hard, mask)
     result = pretraining_loss(logits, prob_ppl, groups, num_vars, out.features_pen,
                               cfg.diversity_weight, cfg.penalty_weight)
-    result.update(prob_perplexity=prob_ppl, code_perplexity=code_ppl, out=out)
+    result.update(prob_perplexity=prob_ppl, code_perplexity=code_ppl, logits=logits, out=out)
     return result
 
 
@@ -143,6 +143,7 @@ class DataConfig:
     max_samples: int = 250_000  # crop longer files (15.6 s)
     min_samples: int = 32_000  # skip shorter files (2 s)
     num_workers: int = 4
+    inputs: list[str] = field(default_factory=list)  # the DATA the run was started with (a record, for plots)
 
 
 @dataclass
@@ -167,11 +168,11 @@ def _recipe_overrides(name: str) -> dict:
     if name == "large":  # paper: peak lr 3e-4, Gumbel to 0.1, 128 GPUs x 1.2M samples
         return {"train": dict(lr=3e-4, warmup_updates=32_000, max_updates=250_000, precision="bf16"),
                 "loss": dict(gumbel_end=0.1, feature_grad_scale=1.0), "data": dict(max_tokens=1_200_000)}
-    if name == "small":  # a few million parameters: visibly learns in ~25 min on 2 CPU cores
-        return {"train": dict(lr=1e-3, warmup_updates=100, max_updates=4000, clip_norm=10.0, save_interval=200,
+    if name == "small":  # a few million parameters: visibly learns in ~25 min on 2 (shared) CPU cores
+        return {"train": dict(lr=2e-3, warmup_updates=50, max_updates=600, clip_norm=10.0, save_interval=50,
                               log_interval=10),
-                "loss": dict(gumbel_decay=0.9995, gumbel_end=0.5),
-                "data": dict(max_tokens=240_000, max_samples=80_000, min_samples=16_000, num_workers=1)}
+                "loss": dict(gumbel_decay=0.997),
+                "data": dict(max_tokens=144_000, max_samples=48_000, min_samples=16_000, num_workers=1)}
     if name == "tiny":  # tests and smoke runs
         return {"train": dict(lr=1e-3, warmup_updates=10, max_updates=100, save_interval=50, log_interval=10),
                 "loss": dict(num_negatives=10, mask_length=4, gumbel_decay=0.99),

@@ -58,6 +58,18 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def report_bad(bad, examples: int = 3) -> None:
+    """List unusable files on stderr; files that are merely too short are counted, with a few examples."""
+    short = [(e, r) for e, r in bad if r.startswith("too short")]
+    for entry, reason in bad:
+        if not reason.startswith("too short"):
+            print(f"skipping {entry.path}: {reason}", file=sys.stderr)
+    for entry, reason in short[:examples]:
+        print(f"skipping {entry.path}: {reason}", file=sys.stderr)
+    if len(short) > examples:
+        print(f"skipping {len(short) - examples} more files that are too short", file=sys.stderr)
+
+
 def run(args) -> int:
     from .. import pretrain
     from ..checkpoint import load_model
@@ -75,12 +87,12 @@ def run(args) -> int:
         spec = {}
     spec = _merge(spec, _overrides(args))
     rec = pretrain.recipe(args.preset or spec.get("preset", "base"), spec)
+    rec.data.inputs = [str(Path(p).resolve()) for p in args.data]
     main = dist_info().is_main
 
     good, bad = pretrain.prepare_data(args.data, rec)
     if main:
-        for entry, reason in bad:
-            print(f"skipping {entry.path}: {reason}", file=sys.stderr)
+        report_bad(bad)
         hours = sum(e.seconds for e in good) / 3600
         log.info("%d files (%.2f h) to train on, %d skipped", len(good), hours, len(bad))
     model = load_model(args.init, with_quantizer=True).train() if args.init else None
