@@ -187,6 +187,11 @@ def test_finetune_command_validates_keeps_best_and_resumes(tmp_path, short_manif
     _, info = transformers.Wav2Vec2ForCTC.from_pretrained(out / "best", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
+    from w2v2.plot import render  # fine-tuning figures come through the plot registry
+
+    written = {p.name for p in render(out, tmp_path / "plots", names=["wer", "emissions"])}
+    assert written == {"wer.png", "emissions.png"}
+
     assert main(common + ["--max-updates", "6"]) == 1  # refuses to overwrite a run
     assert "--resume" in capsys.readouterr().err
     assert main(common + ["--max-updates", "6", "--resume"]) == 0
