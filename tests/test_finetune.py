@@ -217,3 +217,50 @@ def test_tiny_model_learns_to_transcribe_short_real_utterances(tmp_path, short_m
             train_config(max_updates=300), tmp_path / "run").train()
     v = validate(model, [load_audio(e.path) for e in entries], [e.text for e in entries], vocab, "upper")
     assert v.cer < 0.2, list(zip(v.refs, v.hyps))
+
+
+def _ddp_finetune_worker(rank, world, port, manifest, run_dir, out):
+    import os
+
+    from w2v2.finetune import finetune
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import w2v2.trainer as trainer_mod
+
+    seen = []
+    original = trainer_mod.Trainer.train
+
+    def train(self, resume=False):  # keep the model to compare the ranks' weights afterwards
+        seen.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        seen.append(self)
+        return original(self, resume)
+
+    trainer_mod.Trainer.train = train
+    cfg = FinetuneConfig(freeze_updates=1, valid_interval=2)
+    finetune("random:tiny", [str(manifest)], [str(manifest)], run_dir, cfg, train_config(max_updates=3, lr=1e-3),
+             max_tokens=32_000, regularisation={"layerdrop": 0.5})
+    final = {k: v.detach().clone() for k, v in seen[1].model.state_dict().items()}
+    torch.save({"initial": seen[0], "final": final}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_with_freezing_and_layerdrop_keeps_ranks_in_step(tmp_path, short_manifest):
+    """Parameters that get no gradient (frozen Transformer, dropped layers) must not break DDP."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "weights")
+    mp.spawn(_ddp_finetune_worker, args=(2, port, short_manifest, tmp_path / "run", out), nprocs=2, join=True)
+    a, b = (torch.load(f"{out}.{r}", weights_only=True) for r in range(2))
+    assert all(torch.equal(a["final"][k], b["final"][k]) for k in a["final"])
+    changed = {k for k in a["final"] if not torch.equal(a["final"][k], a["initial"][k])}
+    assert "lm_head.weight" in changed and "feature_projection.projection.weight" in changed
+    assert not any(k.startswith("feature_extractor.") for k in changed)
+    assert [int(r["update"]) for r in csv.DictReader(open(tmp_path / "run" / "valid.csv"))] == [2, 3]
