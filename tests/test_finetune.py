@@ -150,6 +150,19 @@ def test_tiny_model_overfits_short_real_utterances(tmp_path, short_manifest):
     assert losses[-1] < 0.25 * losses[0], losses
 
 
+def test_bf16_autocast_fine_tuning_step(tmp_path, short_manifest):
+    entries = data.list_entries([short_manifest])
+    vocab = build_vocabulary([e.text for e in entries])
+    model = init_model("random:tiny", vocab)
+    freeze_feature_encoder(model)
+    Trainer(model, CTCFinetuneLoss(model, vocab, FinetuneConfig()), loader_for(entries, vocab),
+            train_config(max_updates=2, precision="bf16"), tmp_path / "run").train()
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2 and not any(r["skipped"] for r in rows)
+    assert all(0 < r["loss_per_token"] < 100 for r in rows)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: weights stay fp32
+
+
 # ---------------------------------------------------------------------------- init
 def test_init_from_pretrained_dir_keeps_weights_and_adds_head(tmp_path):
     torch.manual_seed(0)
