@@ -91,6 +91,14 @@ def test_evaluate_command_on_a_fine_tuned_model(tmp_path, data_dir, capsys):
     table = capsys.readouterr().out
     assert "WER %" in table and "m.tsv" in table
     assert len((tmp_path / "err.tsv").read_text().splitlines()) == 4
+    pytest.importorskip("pyctcdecode")
+    pytest.importorskip("kenlm")
+    from w2v2.decoding import build_ngram_lm
+
+    lm = build_ngram_lm(["BYE", "GOOD JOB", "BY THE HAND"], tmp_path / "lm.arpa", order=2)
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(manifest), "--device", "cpu",
+                 "--lm", str(lm), "--beam", "4", "--alpha", "0.5", "--beta", "1.0"]) == 0
+    assert "m.tsv" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pocketsphinx") is None, reason="pocketsphinx not installed")
