@@ -406,6 +406,9 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
     train_entries, dropped = usable_entries(train_entries, vocab, cfg.case, model.num_frames)
     for e, reason in dropped:
         log.warning("train: skipping %s: %s", e.path, reason)
+    if not train_entries:
+        raise ValueError(f"train {' '.join(map(str, train))}: no utterance has a usable transcript "
+                         "(a 'text' column with words, and audio long enough for it)")
     valid_entries = _checked_entries(valid, "valid")
     log.info("train: %d utterances, %.2f h; valid: %d utterances; vocabulary (%d): %s", len(train_entries),
              sum(e.seconds for e in train_entries) / 3600, len(valid_entries), len(vocab),
