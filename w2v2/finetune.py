@@ -269,7 +269,8 @@ def validate(model: Wav2Vec2, waves: list[np.ndarray], texts: list[str], vocab: 
 
 class Validator:
     """Trainer hook: every ``cfg.valid_interval`` updates (and after the last), validate on rank 0,
-    append a row to ``valid.jsonl``/``valid.csv`` and keep the lowest-WER model in ``best/``.
+    append a row to ``valid.jsonl``/``valid.csv`` and keep the lowest-WER model in ``best/``
+    (ties broken by CER, then validation loss).
 
     The best WER so far lives in ``trainer.extra_state`` and so survives a resume; rows written
     after the resumed checkpoint by an interrupted run are dropped at start."""
@@ -306,11 +307,11 @@ class Validator:
         model = trainer.model
         v = validate(model, self.waves, self.texts, self.vocab, self.cfg.case, self.cfg.valid_batch_seconds)
         best = trainer.extra_state.get("best_wer", math.inf)
-        improved = v.wer < best
+        key = [v.wer, v.cer, v.loss_per_token]  # ties in WER (all 100% early on) go to lower CER, then loss
+        improved = key < trainer.extra_state.get("best_key", [math.inf] * 3)
         if improved:
             save_best(model, self.run_dir / BEST, step, v)
-            trainer.extra_state["best_wer"] = v.wer
-            trainer.extra_state["best_update"] = step
+            trainer.extra_state.update(best_wer=v.wer, best_key=key, best_update=step)
         trainer.extra_state["last_valid"] = step
         out = {"update": step, "epoch": row.get("epoch"), "valid_loss": v.loss_per_token, "valid_wer": v.wer,
                "valid_cer": v.cer, "best_wer": min(best, v.wer), "train_loss": row.get("loss")}
