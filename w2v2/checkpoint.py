@@ -26,6 +26,8 @@ from .vocab import Vocabulary
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.json",
              "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
+# Inside a training run directory, the model that stands for the run, in order of preference.
+RUN_DIR_MODELS = ("best", "checkpoint_last")
 # The letter dictionary of every LibriSpeech fine-tuned fairseq model (dict.ltr.txt), blank first.
 LIBRISPEECH_LETTERS = ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D",
                        "L", "U", "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z")
@@ -39,6 +41,8 @@ class CheckpointError(ValueError):
 def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                with_quantizer: bool | None = None) -> Wav2Vec2:
     """Load a model from a local Hugging Face-layout directory (ours too), a Hub id, or a fairseq ``.pt``.
+
+    A training run directory loads its ``best/`` model, else its newest checkpoint.
 
     ``source=None`` or ``"default"`` loads the default model embedded in the package. The model is
     returned in eval mode. ``with_quantizer=False`` drops pretraining modules when present.
@@ -103,10 +107,22 @@ def _resolve(source) -> Path:
         return DEFAULT_MODEL_DIR
     path = Path(source).expanduser()
     if path.exists():
-        return path
+        return _run_dir_model(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
         return _download(str(source))
     raise CheckpointError(f"{source}: no such file or directory (and not a Hugging Face id like org/name)")
+
+
+def _run_dir_model(path: Path) -> Path:
+    """A training run directory (no config.json of its own) stands for its ``best/`` model when it
+    has one (fine-tuning keeps the lowest validation WER there), else its newest checkpoint."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return path
+    for name in RUN_DIR_MODELS:
+        if (path / name / "config.json").exists():
+            return (path / name).resolve()
+    numbered = sorted(p for p in path.glob("checkpoint_[0-9]*") if (p / "config.json").exists())
+    return numbered[-1] if numbered else path
 
 
 def _download(repo_id: str) -> Path:

@@ -132,17 +132,24 @@ class Wav2Vec2(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None, *,
-                mask_time_indices: Tensor | None = None, output_hidden_states: bool = False,
-                num_layers: int | None = None) -> ModelOutput:
+                mask_time_indices: Tensor | None = None, mask_channel_indices: Tensor | None = None,
+                output_hidden_states: bool = False, num_layers: int | None = None) -> ModelOutput:
         """waveforms: float (batch, samples) at 16 kHz, zero-padded; lengths: (batch,) valid samples.
 
         ``mask_time_indices`` (batch, frames) bool replaces those frames by the mask embedding
-        (SpecAugment-style time masking in fine-tuning). ``num_layers`` runs only the first N
-        Transformer layers (features for downstream tasks)."""
+        and ``mask_channel_indices`` (batch, hidden) bool zeroes those channels of every frame
+        (SpecAugment-style masking in fine-tuning; both act on the projected features, the
+        Transformer's input, as in fairseq and Hugging Face). ``num_layers`` runs only the
+        first N Transformer layers (features for downstream tasks)."""
         z, flen, fmask = self.extract(waveforms, lengths)
         x, normed = self.feature_projection(z)
         if mask_time_indices is not None:
             x = torch.where(mask_time_indices[..., None], self.masked_spec_embed.to(x.dtype), x)
+        if mask_channel_indices is not None:
+            if mask_channel_indices.shape != (x.shape[0], x.shape[2]):
+                raise ValueError(f"mask_channel_indices must be (batch, hidden) = {(x.shape[0], x.shape[2])}, "
+                                 f"got {tuple(mask_channel_indices.shape)}")
+            x = x.masked_fill(mask_channel_indices[:, None, :], 0.0)
         c, hidden = self.encoder(x, fmask, num_layers=num_layers)
         logits = None
         if self.lm_head is not None and num_layers is None:
