@@ -10,16 +10,15 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import convert
 from .config import ModelConfig
-from .fileio import atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 from .model import Wav2Vec2, build_model
 from .vocab import Vocabulary
 
@@ -77,7 +76,7 @@ def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike) -> Path:
     # Wav2Vec2Model's own keys carry no prefix; the heads' models nest it under "wav2vec2."
     hf_state = state if arch == "Wav2Vec2Model" else convert.ours_to_hf(state)
     pad = model.vocab.blank_index if model.vocab is not None else 0
-    _atomic(out / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
+    atomic_write_bytes(out / "model.safetensors", save(hf_state, metadata={"format": "pt"}))
     _write_json(out / "config.json", convert.config_to_hf(cfg, arch, pad_token_id=pad))
     _write_json(out / "preprocessor_config.json", {
         "do_normalize": cfg.do_normalize, "feature_extractor_type": "Wav2Vec2FeatureExtractor",
@@ -259,17 +258,5 @@ def _fairseq_vocab(path: Path, size: int) -> Vocabulary:
 
 
 # --------------------------------------------------------------------------- atomic writes
-def _atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then move into place, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
