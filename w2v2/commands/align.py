@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 from ._shared import add_model_arguments, add_output_arguments, check_output_arguments, emit
 
@@ -11,7 +12,7 @@ HELP = "word timestamps for a known transcript (CTC forced alignment)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("audio", metavar="AUDIO", help="audio or video file of any length, or - for standard input")
+    parser.add_argument("audio", metavar="AUDIO", help="audio or video file of any length, - for standard input, or an http(s) URL (needs yt-dlp)")
     parser.add_argument("transcript", metavar="TRANSCRIPT",
                         help="the words spoken: a text file, or the text itself (quote it)")
     add_model_arguments(parser)
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..audio import download_url, is_url
     from ..checkpoint import load_model
     from ..emissions import resolve_device
     from ..transcribe import TranscribeOptions, Transcriber
@@ -32,11 +34,13 @@ def run(args: argparse.Namespace) -> int:
     )
     model = load_model(args.model, device=resolve_device(args.device))
     transcriber = Transcriber(model, options, model_name=args.model or "default")
-    try:
-        result = transcriber.align(args.audio, transcript)
-    except ValueError as e:  # the transcript or the audio: name the input
-        raise ValueError(f"{args.audio}: {e}" if not str(e).startswith(f"{args.audio}:") else str(e)) from e
-    emit(result, args.audio, args)
+    with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp:
+        audio = str(download_url(args.audio, tmp)) if is_url(args.audio) else args.audio
+        try:
+            result = transcriber.align(audio, transcript)
+        except ValueError as e:  # the transcript or the audio: name the input
+            raise ValueError(str(e) if str(e).startswith(f"{audio}:") else f"{audio}: {e}") from e
+    emit(result, audio, args)
     return 0
 
 

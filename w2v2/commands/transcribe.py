@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lm", default=None, help="n-gram language model (ARPA or KenLM binary; see: w2v2 lm)")
     g.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     g.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
-    g.add_argument("--beam-width", type=int, default=None, help="beam search width (default 100 with --lm)")
+    g.add_argument("--beam-width", type=int, default=None, help="beam search width; None: greedy, or 100 with --lm")
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip inputs whose output files all exist in --output-dir")
 
