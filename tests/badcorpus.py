@@ -102,14 +102,14 @@ def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Cas
     good("shorter_than_a_frame.wav", 0.01)
     sf.write(d / "flac_named.wav", tone(1.0), SR, format="FLAC", subtype="PCM_16")  # content, not extension, counts
     good("flac_named.wav", 1.0)
-    sf.write(d / "tone.flac", tone(2.0), SR, subtype="PCM_16")
-    good("tone.flac", 2.0)
-    ffmpeg("-i", str(d / "tone.flac"), "-c:a", "libmp3lame", "-b:a", "32k", str(d / "tone.mp3"))
-    good("tone.mp3", 2.0)
+    sf.write(d / "flac_tone.flac", tone(2.0), SR, subtype="PCM_16")
+    good("flac_tone.flac", 2.0)
+    ffmpeg("-i", str(d / "flac_tone.flac"), "-c:a", "libmp3lame", "-b:a", "32k", str(d / "mp3_tone.mp3"))
+    good("mp3_tone.mp3", 2.0)
     # MP3 has no reliable total length: a file cut in its audio decodes up to the cut (~0.9 s here)
-    mp3 = (d / "tone.mp3").read_bytes()
-    (d / "truncated.mp3").write_bytes(mp3[: len(mp3) // 2])
-    good("truncated.mp3", None)
+    mp3 = (d / "mp3_tone.mp3").read_bytes()
+    (d / "mp3_truncated.mp3").write_bytes(mp3[: len(mp3) // 2])
+    good("mp3_truncated.mp3", None)
     if long:
         write_sparse_wav(d / "three_hours.wav", LONG_SECONDS)
         good("three_hours.wav", float(LONG_SECONDS))
@@ -119,13 +119,13 @@ def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Cas
     bad("empty.wav", "empty file")
     sf.write(d / "zero_length.wav", np.zeros(0, np.float32), SR, subtype="PCM_16")
     bad("zero_length.wav", "no audio samples")
-    flac = (d / "tone.flac").read_bytes()
-    (d / "truncated_header.flac").write_bytes(flac[:30])  # cut inside the STREAMINFO block
-    bad("truncated_header.flac", "corrupt")
-    (d / "truncated_header.mp3").write_bytes(mp3[:100])  # cut inside the first frame
-    bad("truncated_header.mp3", "not an audio file")
-    (d / "truncated.flac").write_bytes(flac[: len(flac) // 2])  # libFLAC notices: rejected
-    bad("truncated.flac", "corrupt")
+    flac = (d / "flac_tone.flac").read_bytes()
+    (d / "flac_header_only.flac").write_bytes(flac[:30])  # cut inside the STREAMINFO block
+    bad("flac_header_only.flac", "corrupt")
+    (d / "mp3_header_only.mp3").write_bytes(mp3[:100])  # cut inside the first frame
+    bad("mp3_header_only.mp3", "not an audio file")
+    (d / "flac_truncated.flac").write_bytes(flac[: len(flac) // 2])  # libFLAC notices: rejected
+    bad("flac_truncated.flac", "corrupt")
     (d / "text.wav").write_text("this is a text file, not audio\n" * 30)
     bad("text.wav", "not an audio file")
     (d / "image.wav").write_bytes(png_bytes())
@@ -135,6 +135,10 @@ def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Cas
         x[1000] = value
         sf.write(d / name, x, SR, subtype="FLOAT")
         bad(name, "NaN or infinite")
+    sf.write(d / "rate_1hz.wav", tone(0.5), 1, subtype="PCM_16")  # a corrupt header's rate: would resample x16000
+    bad("rate_1hz.wav", "implausible sample rate")
+    ffmpeg("-f", "lavfi", "-i", "color=c=blue:s=32x32:r=5:d=1", "-c:v", "mpeg4", str(d / "video_only.mp4"))
+    bad("video_only.mp4", "no audio stream")
     bad("missing.wav", "no such file")
     (d / "directory.wav").mkdir(exist_ok=True)
     bad("directory.wav", "directory")
