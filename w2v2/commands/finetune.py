@@ -96,13 +96,26 @@ def configs(args):
 
 def run(args) -> int:
     from ..cli import UserError
-    from ..finetune import finetune
+    from ..config import PRESETS, ConfigError
+    from ..finetune import finetune, read_data
     from ..trainer import last_checkpoint
 
     out = Path(args.out)
     if not args.resume and out.exists() and last_checkpoint(out) is not None:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    ft, tc, reg = configs(args)
+    problems = []  # every problem with the options and manifests, reported together before anything is written
+    try:
+        ft, tc, reg = configs(args)
+    except ValueError as e:
+        problems.append(str(e))
+    if args.init.startswith("random:") and args.init.split(":", 1)[1] not in PRESETS:
+        problems.append(f"--init {args.init}: unknown preset; use random:{' or random:'.join(PRESETS)}")
+    try:
+        read_data(args.train, args.valid)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
     summary = finetune(args.init, args.train, args.valid, out, ft, tc, max_tokens=int(args.max_tokens),
                        max_batch_size=args.max_batch_size, num_workers=args.num_workers, regularisation=reg,
                        resume=args.resume)
