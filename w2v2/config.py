@@ -224,6 +224,15 @@ def check_fields(cls, values: object, where: str) -> list[str]:
     return problems
 
 
+def valid_fields(cls, values: object) -> dict:
+    """The items of ``values`` that :func:`check_fields` finds no fault with."""
+    if not isinstance(values, dict):
+        return {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names and _fits(v, hints[k])}
+
+
 def _fits(value: object, hint) -> bool:
     """Whether a JSON-like ``value`` fits the annotation ``hint`` (bool, int, float, str,
     tuples and lists of them, unions with None); other annotations are not checked."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import config as model_presets
-from .config import ConfigError, ModelConfig, check_fields
+from .config import ConfigError, ModelConfig, check_fields, valid_fields
 from .losses import codebook_perplexity, contrastive_logits, pretraining_loss
 from .masking import compute_mask_indices, gather_masked, gather_negatives, sample_negatives
 from .model import Wav2Vec2
@@ -214,11 +214,9 @@ def recipe(name: str = "base", overrides: dict | None = None) -> Recipe:
         if section not in SECTIONS:
             problems.append(f"unknown section {section!r} in the pretraining config; use model, train, loss, data")
             continue
-        found = check_fields(SECTIONS[section], values, section)
-        if found:
-            problems += found
-            continue
-        parts[section] = {**parts.get(section, {}), **values}
+        problems += check_fields(SECTIONS[section], values, section)
+        # the valid options still go in, so that range checks below see them too
+        parts[section] = {**parts.get(section, {}), **valid_fields(SECTIONS[section], values)}
     built = {}
     for section, cls in SECTIONS.items():
         try:
