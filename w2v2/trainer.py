@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -51,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .fileio import _fsync_dir, atomic_open
+from .fileio import _fsync_dir, atomic_open, verify_checksums, write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,6 @@ LoaderFactory = Callable[[int, int], Iterable]
 CHECKPOINT_PREFIX = "checkpoint_"
 LAST = "checkpoint_last"
 STATE_FILE = "trainer_state.pt"
-CHECKSUMS = "checksums.json"  # SHA-256 of every file of a checkpoint, written last
 STATE_KEYS = ("step", "epoch", "batches_in_epoch", "skipped", "optimizer", "scaler", "rng")
 
 
@@ -285,22 +283,6 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
     model.load_state_dict(read_model_weights(model, directory), strict=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_checksums(directory: Path) -> None:
-    """Record the SHA-256 of every file in ``directory`` (safetensors and torch.save files carry no
-    checksum of their data: a flipped bit would load silently)."""
-    sums = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS}
-    with atomic_open(directory / CHECKSUMS) as f:
-        json.dump({"sha256": sums}, f, indent=2)
-
-
 def read_checkpoint(path: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     """(trainer state, model weights) of a checkpoint directory, checked against its recorded
     checksums. Raises :class:`w2v2.checkpoint.CheckpointError` naming the file for anything
@@ -310,16 +292,10 @@ def read_checkpoint(path: str | os.PathLike, model: nn.Module) -> tuple[dict, di
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_FILE})")
-    if (path / CHECKSUMS).exists():  # checkpoints of older versions have none
-        try:
-            sums = json.loads((path / CHECKSUMS).read_text())["sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path / CHECKSUMS}: unreadable ({type(e).__name__}: {e})") from e
-        for name, digest in sums.items():
-            if not (path / name).is_file():
-                raise CheckpointError(f"{path / name}: missing from the checkpoint")
-            if _sha256(path / name) != digest:
-                raise CheckpointError(f"{path / name}: corrupted (its SHA-256 differs from the one recorded at save)")
+    try:
+        verify_checksums(path)  # checkpoints of older versions have none: nothing to verify
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # truncation and corruption surface as many exception types
