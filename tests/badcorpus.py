@@ -110,6 +110,12 @@ def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Cas
     mp3 = (d / "mp3_tone.mp3").read_bytes()
     (d / "mp3_truncated.mp3").write_bytes(mp3[: len(mp3) // 2])
     good("mp3_truncated.mp3", None)
+    # metadata that is not UTF-8 (PyAV decodes it strictly unless told otherwise)
+    ffmpeg("-i", str(d / "flac_tone.flac"), "-c:a", "aac", "-metadata", "title=QQQQQQQQ", str(d / "tagged.m4a"))
+    tagged = (d / "tagged.m4a").read_bytes()
+    (d / "tagged.m4a").unlink()
+    (d / "metadata_not_utf8.m4a").write_bytes(tagged.replace(b"QQQQQQQQ", bytes(range(0xFF, 0xF7, -1))))
+    good("metadata_not_utf8.m4a", None)
     if long:
         write_sparse_wav(d / "three_hours.wav", LONG_SECONDS)
         good("three_hours.wav", float(LONG_SECONDS))
@@ -139,6 +145,11 @@ def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Cas
     bad("rate_1hz.wav", "implausible sample rate")
     ffmpeg("-f", "lavfi", "-i", "color=c=blue:s=32x32:r=5:d=1", "-c:v", "mpeg4", str(d / "video_only.mp4"))
     bad("video_only.mp4", "no audio stream")
+    pcm16 = (d / "pcm16.wav").read_bytes()  # WAV header: bits per sample at byte 34
+    (d / "pcm_bits50.wav").write_bytes(pcm16[:34] + struct.pack("<H", 50) + pcm16[36:])
+    bad("pcm_bits50.wav", "no decoder")
+    (d / "pcm_s64.wav").write_bytes(pcm16[:34] + struct.pack("<H", 64) + pcm16[36:])  # 64-bit integers
+    bad("pcm_s64.wav", "unsupported audio sample format")
     bad("missing.wav", "no such file")
     (d / "directory.wav").mkdir(exist_ok=True)
     bad("directory.wav", "directory")

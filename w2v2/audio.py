@@ -294,11 +294,15 @@ class AudioStream:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         rate, chunks = _open_decoder(self._source, self.name)
-        total = 0
-        for block in _rebatch(self._resampled(chunks, rate), self.block_size):
-            total += len(block)
-            yield block
-        if total == 0:
+        decoded = [0]  # samples at the file's own rate: a few may resample to none, like load_audio
+
+        def counted() -> Iterator[np.ndarray]:
+            for chunk in chunks:
+                decoded[0] += len(chunk)
+                yield chunk
+
+        yield from _rebatch(self._resampled(counted(), rate), self.block_size)
+        if decoded[0] == 0:
             raise _error(self.name, "contains no audio samples (zero length)")
 
     def _resampled(self, chunks: Iterator[np.ndarray], rate: int) -> Iterator[np.ndarray]:
