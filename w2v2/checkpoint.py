@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 
 from . import convert
 from .config import ModelConfig
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, verify_checksums
 from .model import Wav2Vec2, build_model
 from .vocab import Vocabulary
 
@@ -164,6 +164,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     st = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     binf = path / "pytorch_model.bin"
+    try:  # a training checkpoint records the SHA-256 of its files
+        verify_checksums(path, names=["config.json", st.name, index.name, binf.name])
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     try:
         if st.exists():
             return load_file(str(st))

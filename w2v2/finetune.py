@@ -362,16 +362,34 @@ def _write_valid_csv(run_dir: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------- a run
-def _checked_entries(inputs: list[str], what: str) -> list[Entry]:
-    from .data import list_entries, validate_entries
+def read_data(train: list[str], valid: list[str]) -> tuple[list[Entry], list[Entry]]:
+    """The entries of the ``train`` and ``valid`` manifests, which must have a ``text`` column.
+    Raises :class:`w2v2.data.ManifestError` listing every problem of both at once."""
+    from .data import ManifestError, list_entries
 
-    good, bad = validate_entries(list_entries(inputs))
+    out, problems = [], []
+    for inputs in (train, valid):
+        try:
+            out.append(list_entries(inputs, require_text=True))
+        except ManifestError as e:
+            out.append([])
+            problems += e.problems
+    if problems:
+        raise ManifestError(problems)
+    return out[0], out[1]
+
+
+def _checked_entries(entries: list[Entry], inputs: list[str], what: str) -> list[Entry]:
+    """Entries whose audio is usable (checked up front, the unusable ones listed); an error if none is."""
+    from .data import validate_entries
+
+    good, bad = validate_entries(entries)
     for e, reason in bad[:20]:
         log.warning("%s: skipping %s: %s", what, e.path, reason)
     if len(bad) > 20:
         log.warning("%s: ... and %d more unusable files", what, len(bad) - 20)
     if not good:
-        raise ValueError(f"{what} {' '.join(inputs)}: no usable audio")
+        raise ValueError(f"{what} {' '.join(map(str, inputs))}: no usable audio")
     return good
 
 
@@ -398,9 +416,9 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
     from .data import AudioDataset, BucketBatchSampler, make_loader_factory
     from .trainer import Trainer, dist_info
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_entries = _checked_entries(train, "train")
+    run_dir = Path(run_dir)  # created by the trainer, once everything below has been checked
+    train_entries, valid_entries = read_data(train, valid)
+    train_entries = _checked_entries(train_entries, train, "train")
     vocab = run_vocabulary(run_dir, [e.text or "" for e in train_entries], cfg.case, resume)
     model = init_model(init, vocab, **(regularisation or {}))
     freeze_feature_encoder(model, cfg.feature_grad_scale)
@@ -410,7 +428,13 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
     if not train_entries:
         raise ValueError(f"train {' '.join(map(str, train))}: no utterance has a usable transcript "
                          "(a 'text' column with words, and audio long enough for it)")
-    valid_entries = _checked_entries(valid, "valid")
+    valid_entries = _checked_entries(valid_entries, valid, "valid")
+    no_text = [e for e in valid_entries if not normalize_text(e.text or "", case=cfg.case)]
+    for e in no_text:
+        log.warning("valid: skipping %s: no transcript after normalisation", e.path)
+    valid_entries = [e for e in valid_entries if e not in no_text]
+    if not valid_entries:
+        raise ValueError(f"valid {' '.join(map(str, valid))}: no utterance has a transcript to score against")
     log.info("train: %d utterances, %.2f h; valid: %d utterances; vocabulary (%d): %s", len(train_entries),
              sum(e.seconds for e in train_entries) / 3600, len(valid_entries), len(vocab),
              "".join(t for t in vocab.tokens if len(t) == 1))

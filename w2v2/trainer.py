@@ -21,7 +21,10 @@ function of the update number).
 
 A run directory holds ``train_config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per
 update), and ``checkpoint_NNNNNNN/`` directories (the model via ``save_pretrained`` plus
-``trainer_state.pt``) with a ``checkpoint_last`` symlink to the newest.
+``trainer_state.pt`` and ``checksums.json``, the SHA-256 of both) with a ``checkpoint_last``
+symlink to the newest. A checkpoint is written in a temporary directory and renamed into place,
+so a crash never leaves a partial one; a damaged one (disk error, truncation) is detected on
+resume and the previous one used instead (:meth:`Trainer.resume_latest`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .fileio import _fsync_dir, atomic_open
+from .fileio import _fsync_dir, atomic_open, verify_checksums, write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ LoaderFactory = Callable[[int, int], Iterable]
 CHECKPOINT_PREFIX = "checkpoint_"
 LAST = "checkpoint_last"
 STATE_FILE = "trainer_state.pt"
+STATE_KEYS = ("step", "epoch", "batches_in_epoch", "skipped", "optimizer", "scaler", "rng")
 
 
 @dataclass
@@ -92,12 +96,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.tri_stage_ratios = tuple(self.tri_stage_ratios)
         self.betas = tuple(self.betas)
+        problems = []  # all of them at once
         if self.schedule not in ("polynomial", "tri_stage", "constant"):
-            raise ValueError(f"schedule must be polynomial, tri_stage or constant, got {self.schedule!r}")
+            problems.append(f"schedule must be polynomial, tri_stage or constant, got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+            problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.accum_steps < 1 or self.max_updates < 0:
-            raise ValueError("accum_steps must be >= 1 and max_updates >= 0")
+            problems.append("accum_steps must be >= 1 and max_updates >= 0")
+        if self.save_interval < 1 or self.log_interval < 1:
+            problems.append(f"save_interval and log_interval must be >= 1, got {self.save_interval} and "
+                            f"{self.log_interval}")
+        if self.lr < 0 or self.warmup_updates < 0 or self.keep_last < 0 or self.clip_norm < 0:
+            problems.append("lr, warmup_updates, keep_last and clip_norm must not be negative")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            problems.append(f"max_epochs must be >= 1 (or null), got {self.max_epochs}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,17 +267,49 @@ def save_model_weights(model: nn.Module, directory: Path) -> None:
                   str(directory / "model.safetensors"))
 
 
-def load_model_weights(model: nn.Module, directory: Path) -> None:
-    """Load weights written by :func:`save_model_weights` into ``model`` in place (exactly)."""
+def read_model_weights(model: nn.Module, directory: Path) -> dict[str, Tensor]:
+    """The state dict written by :func:`save_model_weights` for a model like ``model`` (not loaded into it)."""
     from .checkpoint import load_model
     from .model import Wav2Vec2
 
     if isinstance(model, Wav2Vec2):
-        state = load_model(directory).state_dict()
-    else:
-        from safetensors.torch import load_file
-        state = load_file(str(directory / "model.safetensors"))
-    model.load_state_dict(state, strict=True)
+        return load_model(directory).state_dict()
+    from safetensors.torch import load_file
+    return load_file(str(directory / "model.safetensors"))
+
+
+def load_model_weights(model: nn.Module, directory: Path) -> None:
+    """Load weights written by :func:`save_model_weights` into ``model`` in place (exactly)."""
+    model.load_state_dict(read_model_weights(model, directory), strict=True)
+
+
+def read_checkpoint(path: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
+    """(trainer state, model weights) of a checkpoint directory, checked against its recorded
+    checksums. Raises :class:`w2v2.checkpoint.CheckpointError` naming the file for anything
+    missing, truncated or corrupted; changes nothing (``model`` only says how weights are stored)."""
+    from .checkpoint import CheckpointError
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_FILE})")
+    try:
+        verify_checksums(path)  # checkpoints of older versions have none: nothing to verify
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncation and corruption surface as many exception types
+        raise CheckpointError(f"{path / STATE_FILE}: truncated or corrupted ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise CheckpointError(f"{path / STATE_FILE}: not a trainer state (expected the keys {', '.join(STATE_KEYS)})")
+    try:
+        weights = read_model_weights(model, path)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the model weights ({type(e).__name__}: {e})") from e
+    return state, weights
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -272,6 +318,14 @@ def _fsync_tree(directory: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(directory)
+
+
+def _remove_dir(directory: Path) -> None:
+    """Rename, then delete: a crash midway leaves a hidden temporary name, never a half-deleted
+    checkpoint that looks complete (removed at the next start)."""
+    doomed = directory.with_name(f".{directory.name}.deleting-{os.getpid()}")
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _point_last(run_dir: Path, target: Path) -> None:
@@ -309,7 +363,7 @@ class MetricLog:
 
     def _truncate(self, step: int) -> None:
         rows = read_metrics(self.jsonl.parent) if self.jsonl.exists() else []
-        rows = [r for r in rows if r.get("update", 0) <= step]
+        rows = [r for r in rows if isinstance(r, dict) and r.get("update", 0) <= step]
         with atomic_open(self.jsonl) as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -317,7 +371,8 @@ class MetricLog:
             with open(self.csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.columns = reader.fieldnames
-                kept = [r for r in reader if float(r.get("update") or 0) <= step]
+                kept = [r for r in reader  # a row torn by a crash lacks fields: dropped
+                        if None not in r.values() and None not in r and float(r.get("update") or 0) <= step]
             with atomic_open(self.csv_path) as f:
                 writer = csv.DictWriter(f, self.columns, extrasaction="ignore", restval="")
                 writer.writeheader()
@@ -419,6 +474,7 @@ class Trainer:
         self.skipped = 0
         self._consecutive_skips = 0
         self._stop_requested = False
+        self._resumed_from: Path | None = None
         self._iter = None
         self._metrics: MetricLog | None = None
         if self.info.is_main:
@@ -552,7 +608,7 @@ class Trainer:
         if not self.info.is_main:
             return None
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
-        if (final / STATE_FILE).exists():
+        if final == self._resumed_from:  # nothing happened since the resume: it is this very state
             _point_last(self.run_dir, final)
             return final
         tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=f".{final.name}."))
@@ -560,9 +616,10 @@ class Trainer:
             save_model_weights(self.model, tmp)
             with atomic_open(tmp / STATE_FILE, "wb") as f:
                 torch.save(self.state_dict(), f)
+            write_checksums(tmp)
             _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # left by another run in this directory
+                _remove_dir(final)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -571,15 +628,24 @@ class Trainer:
         _point_last(self.run_dir, final)
         if self.cfg.keep_last > 0:
             for old in checkpoint_dirs(self.run_dir)[:-self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
         log.info("saved %s", final)
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore weights, optimizer, scaler, RNG states and data position (every rank)."""
+        """Restore weights, optimizer, scaler, RNG states and data position (every rank).
+        A missing, truncated or corrupted file raises :class:`w2v2.checkpoint.CheckpointError`."""
         path = Path(path)
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        load_model_weights(self.model, path)
+        self._restore(path, *read_checkpoint(path, self.model))
+
+    def _restore(self, path: Path, state: dict, weights: dict[str, Tensor]) -> None:
+        from .checkpoint import CheckpointError
+
+        try:
+            self.model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:  # another architecture: a user error, not a damaged file
+            raise CheckpointError(f"{path}: holds weights of a different model than this run's "
+                                  f"({str(e).splitlines()[0]}); resume with the run's own configuration") from e
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -590,8 +656,52 @@ class Trainer:
             self.loss_fn.load_state_dict(state["loss_fn"])
         set_rng_state(state["rng"])
         self._iter = None
+        self._resumed_from = path
         log.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.step, self.epoch,
                  self.batches_in_epoch)
+
+    def resume_latest(self) -> Path | None:
+        """Restore the newest intact checkpoint of the run directory (None when there is none).
+
+        A damaged newest checkpoint (missing, truncated or corrupted file) is not fatal: a warning
+        names it, it is renamed ``<name>.corrupt`` (kept for inspection, never used or deleted
+        again) and the previous one is used; resuming from it is just as exact, only earlier.
+        If every checkpoint is damaged, :class:`w2v2.checkpoint.CheckpointError` lists them."""
+        from .checkpoint import CheckpointError
+
+        newest = last_checkpoint(self.run_dir)
+        candidates = [newest] if newest is not None else []
+        candidates += [p for p in reversed(checkpoint_dirs(self.run_dir)) if p not in candidates]
+        damaged: list[tuple[Path, CheckpointError]] = []
+        for path in candidates:
+            try:
+                state, weights = read_checkpoint(path, self.model)
+            except CheckpointError as e:
+                log.warning("checkpoint %s is damaged: %s", path.name, e)
+                damaged.append((path, e))
+                continue
+            self._restore(path, state, weights)
+            for bad, _ in damaged:
+                if self.info.is_main:
+                    aside = bad.with_name(f"{bad.name}.corrupt")
+                    if aside.exists():
+                        aside = bad.with_name(f"{bad.name}.corrupt-{time.time_ns()}")
+                    os.replace(bad, aside)
+                    log.warning("resumed from the earlier %s instead; the damaged one is now %s",
+                                path.name, aside.name)
+            return path
+        if damaged:
+            raise CheckpointError(f"{self.run_dir}: no intact checkpoint to resume from; "
+                                  + "; ".join(str(e) for _, e in damaged))
+        return None
+
+    def _remove_stale_files(self) -> None:
+        """Temporary checkpoint directories and links left by a run that was killed mid-save."""
+        for p in self.run_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+            if p.is_symlink() or p.is_file():
+                p.unlink(missing_ok=True)
+            elif p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
@@ -620,13 +730,17 @@ class Trainer:
         ``resume``: True continues from ``run_dir/checkpoint_last`` when there is one (else a
         fresh start), a path continues from that checkpoint directory."""
         seed_everything(self.cfg.seed)
+        if self.info.is_main:
+            self._remove_stale_files()
         ckpt = None
         if resume:
-            ckpt = Path(resume) if not isinstance(resume, bool) else last_checkpoint(self.run_dir)
+            if isinstance(resume, bool):
+                ckpt = self.resume_latest()
+            else:
+                ckpt = Path(resume)
+                self.load_checkpoint(ckpt)
             if ckpt is None:
                 log.info("no checkpoint in %s: starting from scratch", self.run_dir)
-            else:
-                self.load_checkpoint(ckpt)
         if self.info.is_main:
             with atomic_open(self.run_dir / "train_config.json") as f:
                 json.dump(self.cfg.to_dict(), f, indent=2)

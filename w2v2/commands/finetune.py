@@ -71,23 +71,35 @@ def add_arguments(p) -> None:
 
 
 def configs(args):
+    """(FinetuneConfig, TrainConfig, regularisation) from the arguments; a ConfigError lists every bad value."""
+    from ..config import ConfigError
     from ..finetune import FinetuneConfig
     from ..trainer import TrainConfig
 
     case = None if args.case == "keep" else args.case
-    ft = FinetuneConfig(case=case, freeze_updates=args.freeze_updates,
-                        feature_grad_scale=args.feature_grad_scale, mask_prob=args.mask_prob,
-                        mask_length=args.mask_length, mask_min_masks=args.mask_min_masks,
-                        mask_channel_prob=args.mask_channel_prob, mask_channel_length=args.mask_channel_length,
-                        loss_norm=args.loss_norm, valid_interval=args.valid_interval,
-                        valid_batch_seconds=args.valid_batch_seconds)
-    tc = TrainConfig(lr=args.lr, schedule=args.schedule, warmup_updates=args.warmup_updates,
-                     tri_stage_ratios=tuple(args.tri_stage_ratios), init_lr_scale=args.init_lr_scale,
-                     final_lr_scale=args.final_lr_scale, max_updates=args.max_updates, accum_steps=args.accum_steps,
-                     clip_norm=args.clip_norm, eps=args.eps, weight_decay=args.weight_decay,
-                     precision=args.precision, log_interval=args.log_interval, save_interval=args.save_interval,
-                     keep_last=args.keep_last, seed=args.seed, device=args.device, progress=not args.no_progress,
-                     tensorboard=args.tensorboard)
+    built, problems = [], []
+    for make in (
+        lambda: FinetuneConfig(
+            case=case, freeze_updates=args.freeze_updates, feature_grad_scale=args.feature_grad_scale,
+            mask_prob=args.mask_prob, mask_length=args.mask_length, mask_min_masks=args.mask_min_masks,
+            mask_channel_prob=args.mask_channel_prob, mask_channel_length=args.mask_channel_length,
+            loss_norm=args.loss_norm, valid_interval=args.valid_interval,
+            valid_batch_seconds=args.valid_batch_seconds),
+        lambda: TrainConfig(
+            lr=args.lr, schedule=args.schedule, warmup_updates=args.warmup_updates,
+            tri_stage_ratios=tuple(args.tri_stage_ratios), init_lr_scale=args.init_lr_scale,
+            final_lr_scale=args.final_lr_scale, max_updates=args.max_updates, accum_steps=args.accum_steps,
+            clip_norm=args.clip_norm, eps=args.eps, weight_decay=args.weight_decay, precision=args.precision,
+            log_interval=args.log_interval, save_interval=args.save_interval, keep_last=args.keep_last,
+            seed=args.seed, device=args.device, progress=not args.no_progress, tensorboard=args.tensorboard),
+    ):
+        try:
+            built.append(make())
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+    ft, tc = built
     reg = {"layerdrop": args.layerdrop, "hidden_dropout": args.hidden_dropout,
            "attention_dropout": args.attention_dropout, "activation_dropout": args.activation_dropout,
            "feat_proj_dropout": args.feat_proj_dropout, "final_dropout": args.final_dropout}
@@ -96,13 +108,26 @@ def configs(args):
 
 def run(args) -> int:
     from ..cli import UserError
-    from ..finetune import finetune
+    from ..config import PRESETS, ConfigError
+    from ..finetune import finetune, read_data
     from ..trainer import last_checkpoint
 
     out = Path(args.out)
     if not args.resume and out.exists() and last_checkpoint(out) is not None:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    ft, tc, reg = configs(args)
+    problems = []  # every problem with the options and manifests, reported together before anything is written
+    try:
+        ft, tc, reg = configs(args)
+    except ConfigError as e:
+        problems += e.problems
+    if args.init.startswith("random:") and args.init.split(":", 1)[1] not in PRESETS:
+        problems.append(f"--init {args.init}: unknown preset; use random:{' or random:'.join(PRESETS)}")
+    try:
+        read_data(args.train, args.valid)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
     summary = finetune(args.init, args.train, args.valid, out, ft, tc, max_tokens=int(args.max_tokens),
                        max_batch_size=args.max_batch_size, num_workers=args.num_workers, regularisation=reg,
                        resume=args.resume)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,13 +42,17 @@ def run(args: argparse.Namespace) -> int:
     inputs = list_audio_files(args.inputs)
     if not inputs:
         raise ValueError(f"no audio or video files found in {' '.join(args.inputs)}")
+    empty_dirs = [i for i in args.inputs if os.path.isdir(i) and not list_audio_files([i])]
+    for folder in empty_dirs:  # a failure too, but the other inputs go on
+        print(f"{folder}: no audio or video files in this directory", file=sys.stderr)
+    failures = len(empty_dirs)
     if args.skip_existing:
         todo = [i for i in inputs if not _outputs_exist(i, args)]
         if len(todo) < len(inputs):
             print(f"skipping {len(inputs) - len(todo)} input(s) whose outputs exist", file=sys.stderr)
         inputs = todo
         if not inputs:
-            return 0
+            return 1 if failures else 0
     _warn_same_names(inputs, args)
     options = TranscribeOptions(
         chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds, batch_size=args.batch_size,
@@ -58,13 +64,14 @@ def run(args: argparse.Namespace) -> int:
     transcriber = Transcriber(model, options, model_name=args.model or "default")
     durations = [None if i == "-" or is_url(i) else _duration(audio_duration, i) for i in inputs]
     total = None if None in durations else sum(durations)
-    failures = 0
     with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp, _progress(total) as bar:
         names: dict[int, str] = {}  # input index -> name its outputs are called after
 
         def report(name: str, exc: BaseException) -> None:
             nonlocal failures
             failures += 1
+            if args.debug and exc.__traceback__ is not None:
+                bar.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
             bar.write(failure_line(name, exc), file=sys.stderr)
 
         sources = _sources(inputs, Path(tmp), names, report)
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             emit(result, names[key], args, header=len(inputs) > 1)
     if failures:
-        print(f"{failures} of {len(inputs)} input(s) failed", file=sys.stderr)
+        print(f"{failures} of {len(inputs) + len(empty_dirs)} input(s) failed", file=sys.stderr)
     return 1 if failures else 0
 
 
