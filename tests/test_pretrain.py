@@ -161,3 +161,12 @@ def test_tiny_model_learns_on_real_speech(data_dir, tmp_path):
     first = sum(r["accuracy"] for r in rows[:20]) / 20
     last = sum(r["accuracy"] for r in rows[-20:]) / 20
     assert last > first + 0.1 and last > 3 / (rec.loss.num_negatives + 1)
+
+
+def test_perplexity_gradient_is_finite_when_a_codeword_is_unused():
+    """A collapsed codebook (some marginal probabilities exactly 0) must not give NaN gradients."""
+    from w2v2.losses import codebook_perplexity
+
+    logits = torch.tensor([[[0.0, -200.0, -200.0]], [[0.0, -200.0, -200.0]]], requires_grad=True)  # (frames, G, V)
+    codebook_perplexity(logits.softmax(-1)).backward()
+    assert torch.isfinite(logits.grad).all()

@@ -102,7 +102,9 @@ def codebook_perplexity(probs: torch.Tensor, mask: torch.Tensor | None = None) -
             raise ValueError(f"mask has {mask.numel()} elements but probs has {probs.shape[0]} frames")
         kept = probs.masked_fill(~mask.bool()[:, None, None], 0.0)
         marginal = kept.sum(dim=0) / mask.sum().clamp(min=1)
-    return torch.exp(-torch.xlogy(marginal, marginal).sum(dim=-1)).sum()
+    # log(p + 1e-7) as fairseq and Hugging Face: xlogy(p, p) has the right value at p = 0 but an
+    # infinite gradient there, which turns a collapsed codebook's gradients into NaN.
+    return torch.exp(-(marginal * torch.log(marginal + 1e-7)).sum(dim=-1)).sum()
 
 
 def diversity_loss(perplexity: torch.Tensor, num_groups: int, num_vars: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ class PlotContext:
             files = list(self.audio)
             if not files:
                 from .data import list_entries
-                inputs = self.run_config().get("inputs", [])
+                inputs = self.run_config().get("data", {}).get("inputs", [])
                 entries = list_entries(inputs) if inputs else []
                 step = max(1, len(entries) // self.max_audio)
                 files = [e.path for e in entries[::step]]

@@ -76,6 +76,7 @@ class TrainConfig:
     final_lr_scale: float = 0.05  # tri_stage: decay ends at lr * final_lr_scale
     max_updates: int = 400_000
     max_epochs: int | None = None
+    max_minutes: float | None = None  # stop (and save) after this much training time (per invocation)
     accum_steps: int = 1  # micro-batches per update and rank (fairseq update_freq)
     clip_norm: float = 0.0  # 0: no clipping (the norm is still measured and logged)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -473,7 +474,9 @@ class Trainer:
         self.batches_in_epoch = 0  # this rank's batches consumed in the current epoch
         self.skipped = 0
         self._consecutive_skips = 0
-        self._stop_requested = False
+        self._stop_local = False  # this rank wants to stop (signal, time limit)
+        self._stop_agreed = False  # every rank stops after this update
+        self._started = time.monotonic()
         self._resumed_from: Path | None = None
         self._iter = None
         self._metrics: MetricLog | None = None
@@ -527,7 +530,7 @@ class Trainer:
             if isinstance(batch, dict) and "lengths" in batch:
                 audio_samples += float(batch["lengths"].sum())
         names = sorted(sums)
-        stats = torch.tensor([loss_total, size_total, audio_samples, float(self._stop_requested),
+        stats = torch.tensor([loss_total, size_total, audio_samples, float(self._stop_local),
                               float(not math.isfinite(loss_total))] + [sums[k] for k in names],
                              dtype=torch.float64, device=self.device)
         if self.info.world_size > 1:
@@ -585,8 +588,7 @@ class Trainer:
                     "audio_sec_per_sec": stats["audio_seconds"] / max(elapsed, 1e-9)})
         if self.cfg.precision == "fp16":
             row["loss_scale"] = float(self.scaler.get_scale())
-        if stats["stop"]:
-            self._stop_requested = True
+        self._stop_agreed = stats["stop"]  # several processes stop together, after the update that carried a request
         if self._consecutive_skips >= self.cfg.max_consecutive_skips:
             raise RuntimeError(f"{self._consecutive_skips} updates in a row had non-finite loss or gradients: "
                                "training diverged; lower the learning rate or use fp32/bf16")
@@ -705,11 +707,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
-        if self._stop_requested:  # a second Ctrl-C: stop now
+        if self._stop_local:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         log.warning("%s received: finishing this update, saving, then exiting (again to abort)",
                     signal.Signals(signum).name)
-        self._stop_requested = True
+        self._stop_local = True
 
     @contextlib.contextmanager
     def _signals(self):
@@ -746,13 +748,17 @@ class Trainer:
                 json.dump(self.cfg.to_dict(), f, indent=2)
             self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
         bar = self._progress_bar()
+        self._started = time.monotonic()
         stopped_early = False
         try:
             with self._signals():
                 while self.step < self.cfg.max_updates:
                     row = self.train_step()
                     self._after_update(row, bar)
-                    if self._stop_requested:
+                    if self._time_is_up() and not self._stop_local:
+                        log.info("time limit of %g minutes reached: stopping", self.cfg.max_minutes)
+                        self._stop_local = True
+                    if self._stop_agreed if self.info.world_size > 1 else self._stop_local:
                         stopped_early = True
                         break
         except _Stop:
@@ -765,6 +771,9 @@ class Trainer:
             self._metrics.close()
         self._iter = None
         return {"step": self.step, "stopped_early": stopped_early, "checkpoint": path}
+
+    def _time_is_up(self) -> bool:
+        return self.cfg.max_minutes is not None and time.monotonic() - self._started > 60 * self.cfg.max_minutes
 
     def _after_update(self, row: dict, bar) -> None:
         if self.info.is_main:
