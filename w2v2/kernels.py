@@ -196,6 +196,50 @@ def conv_time(x: Tensor, w4: Tensor, b: Tensor | None, *, stride: int = 1, paddi
     return y.squeeze(2).transpose(1, 2).contiguous()  # a no-op when the output is channels-last
 
 
+class _ConvTimeTrain(torch.autograd.Function):
+    """Strided convolution over time of channels-last x (batch, time, in) with w (out, in, kernel):
+    forward as oneDNN's channels-last convolution; backward as matrix products over chunks of
+    output frames. (oneDNN's channels-last convolution backward is several times slower than its
+    channels-first one; chunks keep the im2col temporaries small and in cache.)"""
+
+    chunk = 512  # output frames per backward chunk
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, stride: int) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.stride, ctx.has_bias = stride, b is not None
+        return conv_time(x, conv_weight_4d(w), b, stride=stride)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        s, (cout, cin, k), (bsz, t_in, _), t_out = ctx.stride, w.shape, x.shape, grad.shape[1]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w_cols = w.permute(2, 1, 0).reshape(k * cin, cout)  # (kernel*in, out): tap-major like the windows
+        dx = torch.zeros_like(x) if need_x else None
+        gw = torch.zeros(cout, k * cin, dtype=torch.float32, device=x.device) if need_w else None
+        for t0 in range(0, t_out, _ConvTimeTrain.chunk):
+            n = min(_ConvTimeTrain.chunk, t_out - t0)
+            g = grad[:, t0: t0 + n].reshape(bsz * n, cout)  # (rows, out)
+            if need_w:  # windows of k frames, stride s: (rows, kernel*in)
+                u = x[:, s * t0:].as_strided((bsz, n, k * cin), (t_in * cin, s * cin, 1)).reshape(bsz * n, k * cin)
+                gw += _lp(g.t(), u.t(), None).float()
+            if need_x:
+                du = _lp(g, w_cols, None).view(bsz, n, k, cin)
+                for j in range(k):  # col2im: each tap's gradient back onto its frames
+                    dx[:, s * t0 + j: s * (t0 + n - 1) + j + 1: s] += du[:, :, j]
+        gw = gw.view(cout, k, cin).permute(0, 2, 1).to(w.dtype) if need_w else None
+        gb = grad.sum((0, 1), dtype=torch.float32).to(grad.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, gw, gb, None
+
+
+def conv_time_train(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int) -> Tensor:
+    """:func:`conv_time` with w (out, in, kernel), differentiable; for the feature encoder's convolutions."""
+    if onednn_ok(x, w, b) and needs_grad(x, w, b):
+        return _ConvTimeTrain.apply(x, w, b, stride)
+    return conv_time(x, conv_weight_4d(w), b, stride=stride)
+
+
 def conv_weight_4d(w: Tensor) -> Tensor:
     """(out, in, kernel) -> (out, in, 1, kernel) in channels-last memory, for :func:`conv_time`."""
     return w.unsqueeze(2).contiguous(memory_format=torch.channels_last)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kernels import attention, cached, conv_time, conv_weight_4d, gelu_, linear, needs_grad, weight_as
+from .kernels import attention, cached, conv_time, conv_time_train, conv_weight_4d, gelu_, linear, needs_grad, weight_as
 
 
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -168,13 +168,17 @@ class FeatureEncoder(nn.Module):
             else:
                 h = gelu_(h)
         for layer in self.conv_layers[1:]:
-            conv = layer.conv
-            w4 = cached(layer, ("w4", dtype), (conv.weight,), lambda c=conv: conv_weight_4d(c.weight.to(dtype)))
+            conv, stride = layer.conv, layer.conv.stride[0]
             b = weight_as(conv, "bias", dtype)
+            if needs_grad(conv.weight, b):
+                h = conv_time_train(h, conv.weight.to(dtype), b, stride=stride)
+                h = F.gelu(layer_norm(layer.layer_norm, h) if layer.norm_kind == "layer" else h)
+                continue
+            w4 = cached(layer, ("w4", dtype), (conv.weight,), lambda c=conv: conv_weight_4d(c.weight.to(dtype)))
             if layer.norm_kind == "layer":
-                h = gelu_(layer_norm(layer.layer_norm, conv_time(h, w4, b, stride=conv.stride[0])))
+                h = gelu_(layer_norm(layer.layer_norm, conv_time(h, w4, b, stride=stride)))
             else:
-                h = conv_time(h, w4, b, stride=conv.stride[0], gelu=True)
+                h = conv_time(h, w4, b, stride=stride, gelu=True)
         return h
 
     def _chunked(self, wav: Tensor, w0: Tensor, b0: Tensor | None, dtype) -> Tensor:
