@@ -197,47 +197,60 @@ def conv_time(x: Tensor, w4: Tensor, b: Tensor | None, *, stride: int = 1, paddi
 
 
 class _ConvTimeTrain(torch.autograd.Function):
-    """Strided convolution over time of channels-last x (batch, time, in) with w (out, in, kernel):
-    forward as oneDNN's channels-last convolution; backward as matrix products over chunks of
-    output frames. (oneDNN's channels-last convolution backward is several times slower than its
-    channels-first one; chunks keep the im2col temporaries small and in cache.)"""
+    """y = [gelu](conv(x)) over time for channels-last x (batch, time, in), w (out, in, kernel).
+
+    Forward: oneDNN's channels-last convolution. Backward: matrix products over chunks of output
+    frames, with GELU's derivative applied chunk by chunk; oneDNN's own channels-last convolution
+    backward is several times slower than its channels-first one, and chunks keep every temporary
+    small and in cache. The input gradient is written, not accumulated into zeros: chunks run last
+    to first, the taps j < stride of a chunk tile its frames, the taps j >= stride add on top."""
 
     chunk = 512  # output frames per backward chunk
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, stride: int) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.stride, ctx.has_bias = stride, b is not None
-        return conv_time(x, conv_weight_4d(w), b, stride=stride)
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, stride: int, gelu: bool) -> Tensor:
+        pre = conv_time(x, conv_weight_4d(w), b, stride=stride)
+        ctx.save_for_backward(x, w, pre if gelu else None)
+        ctx.stride, ctx.has_bias, ctx.gelu = stride, b is not None, gelu
+        return torch.ops.aten.gelu(pre) if gelu else pre
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
+        x, w, pre = ctx.saved_tensors
         s, (cout, cin, k), (bsz, t_in, _), t_out = ctx.stride, w.shape, x.shape, grad.shape[1]
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         w_cols = w.permute(2, 1, 0).reshape(k * cin, cout)  # (kernel*in, out): tap-major like the windows
-        dx = torch.zeros_like(x) if need_x else None
+        dx = torch.empty_like(x) if need_x else None
+        if need_x:
+            dx[:, s * t_out:].zero_()  # frames no tap j < stride covers
         gw = torch.zeros(cout, k * cin, dtype=torch.float32, device=x.device) if need_w else None
-        for t0 in range(0, t_out, _ConvTimeTrain.chunk):
+        gb = torch.zeros(cout, dtype=torch.float32, device=x.device) if need_b and ctx.has_bias else None
+        for t0 in reversed(range(0, t_out, _ConvTimeTrain.chunk)):
             n = min(_ConvTimeTrain.chunk, t_out - t0)
-            g = grad[:, t0: t0 + n].reshape(bsz * n, cout)  # (rows, out)
+            g = grad[:, t0: t0 + n]
+            if ctx.gelu:
+                g = torch.ops.aten.gelu_backward(g, pre[:, t0: t0 + n])
+            g = g.reshape(bsz * n, cout)  # (rows, out)
+            if gb is not None:
+                gb += g.sum(0, dtype=torch.float32)
             if need_w:  # windows of k frames, stride s: (rows, kernel*in)
                 u = x[:, s * t0:].as_strided((bsz, n, k * cin), (t_in * cin, s * cin, 1)).reshape(bsz * n, k * cin)
                 gw += _lp(g.t(), u.t(), None).float()
             if need_x:
                 du = _lp(g, w_cols, None).view(bsz, n, k, cin)
-                for j in range(k):  # col2im: each tap's gradient back onto its frames
-                    dx[:, s * t0 + j: s * (t0 + n - 1) + j + 1: s] += du[:, :, j]
+                for j in sorted(range(k), key=lambda j: j >= s):  # col2im: taps j < s write, the rest add
+                    frames = dx[:, s * t0 + j: s * (t0 + n - 1) + j + 1: s]
+                    frames.copy_(du[:, :, j]) if j < s else frames.add_(du[:, :, j])
         gw = gw.view(cout, k, cin).permute(0, 2, 1).to(w.dtype) if need_w else None
-        gb = grad.sum((0, 1), dtype=torch.float32).to(grad.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, gw, gb, None
+        return dx, gw, None if gb is None else gb.to(grad.dtype), None, None
 
 
-def conv_time_train(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int) -> Tensor:
-    """:func:`conv_time` with w (out, in, kernel), differentiable; for the feature encoder's convolutions."""
+def conv_time_train(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int, gelu: bool = False) -> Tensor:
+    """:func:`conv_time` (then GELU) with w (out, in, kernel), differentiable; for the feature encoder."""
     if onednn_ok(x, w, b) and needs_grad(x, w, b):
-        return _ConvTimeTrain.apply(x, w, b, stride)
-    return conv_time(x, conv_weight_4d(w), b, stride=stride)
+        return _ConvTimeTrain.apply(x, w, b, stride, gelu)
+    y = conv_time(x, conv_weight_4d(w), b, stride=stride)
+    return F.gelu(y) if gelu else y
 
 
 def conv_weight_4d(w: Tensor) -> Tensor:

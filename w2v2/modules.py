@@ -170,9 +170,11 @@ class FeatureEncoder(nn.Module):
         for layer in self.conv_layers[1:]:
             conv, stride = layer.conv, layer.conv.stride[0]
             b = weight_as(conv, "bias", dtype)
+            if needs_grad(conv.weight, b) and layer.norm_kind == "layer":
+                h = F.gelu(layer_norm(layer.layer_norm, conv_time_train(h, conv.weight.to(dtype), b, stride=stride)))
+                continue
             if needs_grad(conv.weight, b):
-                h = conv_time_train(h, conv.weight.to(dtype), b, stride=stride)
-                h = F.gelu(layer_norm(layer.layer_norm, h) if layer.norm_kind == "layer" else h)
+                h = conv_time_train(h, conv.weight.to(dtype), b, stride=stride, gelu=True)
                 continue
             w4 = cached(layer, ("w4", dtype), (conv.weight,), lambda c=conv: conv_weight_4d(c.weight.to(dtype)))
             if layer.norm_kind == "layer":
