@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import precision as _precision
 from .config import ModelConfig
-from .kernels import clear_cache
+from .kernels import Dropout, clear_cache
 from .modules import Encoder, FeatureEncoder, FeatureProjection, GumbelQuantizer, lengths_to_mask, project
 from .vocab import Vocabulary
 
@@ -76,7 +76,7 @@ class Wav2Vec2(nn.Module):
             self.quantizer = GumbelQuantizer(cfg)
             self.project_hid = nn.Linear(cfg.hidden_size, cfg.proj_codevector_dim)
             self.project_q = nn.Linear(cfg.codevector_dim, cfg.proj_codevector_dim)
-        self.final_dropout = nn.Dropout(cfg.final_dropout)
+        self.final_dropout = Dropout(cfg.final_dropout)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size) if cfg.vocab_size else None
         self.feature_grad_scale = 1.0  # set by training (0.1 for pretraining, 0 freezes)
         self.precision = "fp32"  # see set_precision

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kernels import attention, cached, conv_time, conv_time_train, conv_weight_4d, gelu_, linear, needs_grad, weight_as
+from .kernels import Dropout, attention, cached, conv_time, conv_time_train, conv_weight_4d, gelu_, linear, needs_grad, weight_as
 
 
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -205,7 +205,7 @@ def layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
 
 
 def project(lin: nn.Linear, x: Tensor, *, gelu: bool = False, residual: Tensor | None = None,
-            dropout: nn.Dropout | None = None) -> Tensor:
+            dropout: Dropout | None = None) -> Tensor:
     """``residual + dropout(lin(x))`` (or ``gelu(lin(x))``) in x's dtype; GELU and the residual add
     are fused into the matrix product when the dropout is inactive."""
     w, b = weight_as(lin, "weight", x.dtype), weight_as(lin, "bias", x.dtype)
@@ -222,7 +222,7 @@ class FeatureProjection(nn.Module):
         super().__init__()
         self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
         self.projection = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.feat_proj_dropout)
+        self.dropout = Dropout(cfg.feat_proj_dropout)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         normed = layer_norm(self.layer_norm, z)
@@ -266,7 +266,7 @@ class Attention(nn.Module):
         return w, b
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, *, residual: Tensor | None = None,
-                dropout: nn.Dropout | None = None) -> Tensor:
+                dropout: Dropout | None = None) -> Tensor:
         """x: (batch, time, dim); key_mask: (batch, 1, 1, time) bool, True where attending is allowed.
         Returns ``residual + dropout(attention(x))`` (each term optional)."""
         b, t, d = x.shape
@@ -279,10 +279,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.intermediate_dropout = nn.Dropout(cfg.activation_dropout)
+        self.intermediate_dropout = Dropout(cfg.activation_dropout)
         self.intermediate_dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.output_dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.output_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.output_dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``residual + dropout(W2 dropout(gelu(W1 x)))``; x: (batch, time, hidden)."""
@@ -297,7 +297,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.pre_ln = cfg.do_stable_layer_norm
         self.attention = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.feed_forward = FeedForward(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -319,7 +319,7 @@ class Encoder(nn.Module):
         self.layerdrop = cfg.layerdrop
         self.pos_conv_embed = PositionalConvEmbedding(cfg)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, x: Tensor, frame_mask: Tensor | None = None, num_layers: int | None = None,
