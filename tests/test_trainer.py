@@ -1,0 +1,207 @@
+"""The shared training engine: schedules, exact resumption, NaN safety, checkpoints, DDP gradients."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import w2v2
+from w2v2 import data
+from w2v2.config import tiny
+from w2v2.modules import lengths_to_mask
+from w2v2.trainer import (STATE_FILE, TrainConfig, Trainer, checkpoint_dirs, get_lr, last_checkpoint,
+                          read_metrics)
+
+from .helpers import write_clips
+
+
+# ---------------------------------------------------------------------------- helpers
+def frame_loss(model, batch):
+    """A deterministic loss for engine tests: mean square of the context, summed over valid frames."""
+    out = model(batch["waveforms"], batch["lengths"])
+    valid = lengths_to_mask(out.lengths, out.last_hidden_state.shape[1])
+    per_frame = out.last_hidden_state.float().pow(2).mean(-1)  # (batch, frames)
+    loss = (per_frame * valid).sum()
+    if batch.get("poison"):
+        loss = loss * float("nan")
+    n = int(valid.sum())
+    return loss, n, {"mean_square": float(loss.detach()) / n}
+
+
+def clips(tmp_path, n=6):
+    folder = tmp_path / "clips"
+    write_clips(folder, [0.4 + 0.1 * i for i in range(n)])
+    return data.list_entries([folder])
+
+
+def factory(entries, max_tokens=20_000, crop=True, seed=0):
+    ds = data.AudioDataset(entries, max_samples=16_000, seed=seed)
+    sampler = data.BucketBatchSampler([ds.num_samples(i) for i in range(len(ds))], max_tokens, seed=seed,
+                                      crop_to_shortest=crop)
+    return data.make_loader_factory(ds, sampler, data.Collate(crop_to_shortest=crop, seed=seed))
+
+
+def config(**kw):
+    base = dict(lr=1e-3, warmup_updates=2, max_updates=6, save_interval=100, keep_last=2, progress=False,
+                seed=3, device="cpu", log_interval=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return w2v2.build_model(tiny(**{"hidden_dropout": 0.1, **kw}))
+
+
+# ---------------------------------------------------------------------------- schedules
+def test_polynomial_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_updates=4, max_updates=12)
+    lrs = [get_lr(s, cfg) for s in range(13)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and lrs[8] == 0.5 and lrs[12] == 0.0
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_tri_stage_schedule():
+    cfg = TrainConfig(lr=1.0, schedule="tri_stage", max_updates=100, tri_stage_ratios=(0.1, 0.4, 0.5))
+    assert get_lr(0, cfg) == pytest.approx(0.01)
+    assert get_lr(10, cfg) == get_lr(49, cfg) == 1.0
+    assert get_lr(75, cfg) == pytest.approx(math.sqrt(0.05))
+    assert get_lr(100, cfg) == get_lr(500, cfg) == pytest.approx(0.05)
+
+
+def test_config_round_trip_and_errors():
+    cfg = TrainConfig(lr=2e-4, precision="bf16")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="unknown training options"):
+        TrainConfig.from_dict({"learning_rate": 1})
+
+
+# ---------------------------------------------------------------------------- resumption
+def test_resume_is_exact(tmp_path):
+    """6 updates straight == 3, interrupted by SIGINT, + resume + 3: identical weights."""
+    entries = clips(tmp_path)
+    straight = model()
+    Trainer(straight, frame_loss, factory(entries), config(), tmp_path / "a").train()
+
+    def interrupt(trainer, row):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = model()
+    result = Trainer(first, frame_loss, factory(entries), config(), tmp_path / "b", hooks=[interrupt]).train()
+    assert result["stopped_early"] and result["step"] == 3
+    assert last_checkpoint(tmp_path / "b").name == "checkpoint_0000003"
+    resumed = model(seed=99)  # different init: everything must come from the checkpoint
+    result = Trainer(resumed, frame_loss, factory(entries), config(), tmp_path / "b").train(resume=True)
+    assert result["step"] == 6 and not result["stopped_early"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["update"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert (tmp_path / "b" / "metrics.csv").read_text().count("\n") == 7  # header + 6 rows
+
+
+def test_checkpoints_layout_and_keep_last(tmp_path):
+    entries = clips(tmp_path)
+    m = model()
+    Trainer(m, frame_loss, factory(entries), config(save_interval=2, keep_last=2), tmp_path / "run").train()
+    names = [p.name for p in checkpoint_dirs(tmp_path / "run")]
+    assert names == ["checkpoint_0000004", "checkpoint_0000006"]
+    last = tmp_path / "run" / "checkpoint_last"
+    assert last.is_symlink() and last.resolve().name == "checkpoint_0000006"
+    loaded = w2v2.load_model(last)  # a Hugging Face-layout model directory
+    for (name, a), b in zip(m.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    state = torch.load(last / STATE_FILE, weights_only=True)
+    assert state["step"] == 6 and "optimizer" in state and "rng" in state
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+# ---------------------------------------------------------------------------- non-finite safety
+def test_nan_batch_is_skipped_without_touching_weights(tmp_path):
+    entries = clips(tmp_path)
+    inner = factory(entries)
+    calls = {"n": 0}
+
+    def poisoned(epoch, skip):
+        for batch in inner(epoch, skip):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                batch["poison"] = True
+            yield batch
+
+    m = model()
+    snapshots = []
+    trainer = Trainer(m, frame_loss, poisoned, config(max_updates=4), tmp_path / "run",
+                      hooks=[lambda t, row: snapshots.append((row, {k: v.clone() for k, v in m.state_dict().items()}))])
+    trainer.train()
+    rows = [r for r, _ in snapshots]
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 0, 0]
+    assert [r["update"] for r in rows] == [1, 2, 2, 3, 4]
+    before, after = snapshots[1][1], snapshots[2][1]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in m.state_dict().values())
+    assert trainer.skipped == 1
+    assert [r["skipped"] for r in read_metrics(tmp_path / "run")] == [0, 0, 1, 0, 0]
+
+
+# ---------------------------------------------------------------------------- gradients: accumulation and DDP
+def _batch(entries, idx):
+    ds = data.AudioDataset(entries, max_samples=None)
+    return data.Collate()([ds[i] for i in idx])
+
+
+def _grads(trainer, batches):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.forward_backward(batches)
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_micro_batches_equal_one_batch(tmp_path):
+    entries = clips(tmp_path, 4)
+    trainer = Trainer(model(hidden_dropout=0.0), frame_loss, None, config(), tmp_path / "run")
+    whole = _grads(trainer, [_batch(entries, [0, 1, 2, 3])])
+    parts = _grads(trainer, [_batch(entries, [0]), _batch(entries, [1, 2, 3])])
+    for name in whole:
+        assert torch.allclose(whole[name], parts[name], atol=1e-6, rtol=1e-5), name
+
+
+def _ddp_worker(rank, world, port, entries, run_dir, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(model(hidden_dropout=0.0), frame_loss, None, config(find_unused_parameters=True), run_dir)
+    # unequal halves: 1 and 3 utterances of different lengths, so the sample sizes differ per rank
+    grads = _grads(trainer, [_batch(entries, [0] if rank == 0 else [1, 2, 3])])
+    torch.save(grads, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    entries = clips(tmp_path, 4)
+    out = str(tmp_path / "grads")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), entries, tmp_path / "ddp", out), nprocs=2, join=True)
+    single = Trainer(model(hidden_dropout=0.0), frame_loss, None, config(), tmp_path / "one")
+    expected = _grads(single, [_batch(entries, [0, 1, 2, 3])])
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert set(got) == set(expected)
+        for name in expected:
+            assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), (rank, name)

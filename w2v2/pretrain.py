@@ -1,0 +1,260 @@
+"""Self-supervised pretraining: the wav2vec 2.0 objective as a ``loss_fn`` for :class:`w2v2.trainer.Trainer`.
+
+One step, for a batch of waveforms (batch, samples) with lengths::
+
+    frame lengths  -> compute_mask_indices   -> mask (batch, frames), ~49% of valid frames
+    mask           -> sample_negatives       -> K distractor frames per masked frame, same utterance
+    model.forward_pretraining(wav, lengths, mask) -> projected context C' and quantized targets Q'
+    contrastive_logits(C'[mask], Q'[mask], Q'[negatives], kappa)  (cosine / 0.1, neg_is_pos -> -inf)
+    total = contrastive_sum + (0.1 * diversity + 10 * feature_penalty) * n_masked
+
+The trainer divides by the number of masked frames (the sample size). Presets bundle the model
+architecture, optimisation, loss and data options of a run (:func:`recipe`); a JSON file can
+override any of them (:func:`load_recipe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import config as model_presets
+from .config import ModelConfig
+from .losses import codebook_perplexity, contrastive_logits, pretraining_loss
+from .masking import compute_mask_indices, gather_masked, gather_negatives, sample_negatives
+from .model import Wav2Vec2
+from .trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    """The objective's options; defaults are the BASE recipe of the paper / fairseq."""
+
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    min_masks: int = 2
+    num_negatives: int = 100
+    logit_temp: float = 0.1  # kappa
+    diversity_weight: float = 0.1  # alpha
+    penalty_weight: float = 10.0  # L2 penalty on the feature encoder output
+    feature_grad_scale: float = 0.1  # gradient into the feature encoder
+    gumbel_start: float = 2.0
+    gumbel_end: float = 0.5
+    gumbel_decay: float = 0.999995  # per update
+
+
+def gumbel_temperature(step: int, cfg: PretrainConfig) -> float:
+    """``max(start * decay ** step, end)``: 2 -> 0.5 by x0.999995 per update for BASE."""
+    return max(cfg.gumbel_start * cfg.gumbel_decay ** step, cfg.gumbel_end)
+
+
+def pretraining_step(model: Wav2Vec2, waveforms: Tensor, lengths: Tensor | None, mask: Tensor,
+                     negatives: Tensor, cfg: PretrainConfig) -> dict:
+    """Losses for a given mask (batch, frames) and negatives (batch, n, K): the deterministic core.
+
+    Returns :func:`w2v2.losses.pretraining_loss`'s dict (``total``, ``contrastive``, ``diversity``,
+    ``penalty``, ``accuracy``, ``n_masked``) plus ``prob_perplexity``, ``code_perplexity``, the
+    contrastive ``logits`` (batch, n, 1 + K) and the model output ``out``.
+    """
+    out = model.forward_pretraining(waveforms, lengths, mask)
+    targets = out.projected_quantized  # (batch, frames, dim)
+    logits = contrastive_logits(gather_masked(out.projected_context, mask), gather_masked(targets, mask),
+                                gather_negatives(targets, negatives), cfg.logit_temp)  # (batch, n, 1 + K)
+    probs = out.code_probs.flatten(0, 1)  # (batch * frames, G, V)
+    prob_ppl = codebook_perplexity(probs, mask)
+    groups, num_vars = probs.shape[1], probs.shape[2]
+    with torch.no_grad():
+        hard = F.one_hot(out.code_indices.flatten(0, 1), num_vars).float()  # (batch * frames, G, V)
+        code_ppl = codebook_perplexity(hard, mask)
+    result = pretraining_loss(logits, prob_ppl, groups, num_vars, out.features_pen,
+                              cfg.diversity_weight, cfg.penalty_weight)
+    result.update(prob_perplexity=prob_ppl, code_perplexity=code_ppl, logits=logits, out=out)
+    return result
+
+
+class PretrainingLoss:
+    """``loss_fn(model, batch) -> (total_sum, n_masked, metrics)`` for the trainer.
+
+    Draws the mask and negatives with the global torch RNG (restored on resume), sets the Gumbel
+    temperature for the current update (``set_step``) and the feature encoder's gradient scale.
+    Metrics are per masked frame and add up: ``loss = contrastive + diversity + penalty`` (the
+    last two weighted), plus ``accuracy`` (positive wins), ``prob_perplexity``,
+    ``code_perplexity`` (of the hard choices), ``gumbel_temp`` and ``mask_fraction``.
+    """
+
+    def __init__(self, cfg: PretrainConfig | None = None):
+        self.cfg = cfg or PretrainConfig()
+        self.temperature = gumbel_temperature(0, self.cfg)
+
+    def set_step(self, step: int) -> None:
+        self.temperature = gumbel_temperature(step, self.cfg)
+
+    def make_mask(self, model: Wav2Vec2, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """(mask (batch, frames) bool, negatives (batch, n, K)) on the CPU."""
+        flen = model.num_frames(lengths.cpu())
+        frames = int(model.num_frames(torch.tensor([waveforms.shape[1]]))[0])
+        mask = compute_mask_indices((waveforms.shape[0], frames), self.cfg.mask_prob, self.cfg.mask_length,
+                                    lengths=flen, min_masks=self.cfg.min_masks)
+        return mask, sample_negatives(mask, self.cfg.num_negatives)
+
+    def __call__(self, model: Wav2Vec2, batch: dict) -> tuple[Tensor, int, dict]:
+        model.feature_grad_scale = self.cfg.feature_grad_scale
+        model.quantizer.temperature = self.temperature
+        wav, lengths = batch["waveforms"], batch["lengths"]
+        mask, negatives = self.make_mask(model, wav, lengths)
+        r = pretraining_step(model, wav, lengths, mask.to(wav.device), negatives.to(wav.device), self.cfg)
+        n = r["n_masked"]
+        valid_frames = float(model.num_frames(lengths.cpu()).sum())
+        metrics = {
+            "contrastive": float(r["contrastive"].detach()) / n,
+            "diversity": self.cfg.diversity_weight * float(r["diversity"].detach()),
+            "penalty": self.cfg.penalty_weight * float(r["penalty"].detach()),
+            "accuracy": float(r["accuracy"]) / n,
+            "prob_perplexity": float(r["prob_perplexity"].detach()),
+            "code_perplexity": float(r["code_perplexity"]),
+            "gumbel_temp": self.temperature,
+            "mask_fraction": n / valid_frames,
+        }
+        return r["total"], n, metrics
+
+    def state_dict(self) -> dict:
+        return {"temperature": self.temperature}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.temperature = float(state["temperature"])
+
+
+# ---------------------------------------------------------------------------- run presets
+
+
+@dataclass
+class DataConfig:
+    max_tokens: int = 1_400_000  # samples per batch and rank
+    max_samples: int = 250_000  # crop longer files (15.6 s)
+    min_samples: int = 32_000  # skip shorter files (2 s)
+    num_workers: int = 4
+    inputs: list[str] = field(default_factory=list)  # the DATA the run was started with (a record, for plots)
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a pretraining run."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: PretrainConfig = field(default_factory=PretrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = "base"
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "model": self.model.to_dict(), "train": self.train.to_dict(),
+                "loss": dataclasses.asdict(self.loss), "data": dataclasses.asdict(self.data)}
+
+
+def _recipe_overrides(name: str) -> dict:
+    """Per-preset departures from the BASE defaults of each dataclass."""
+    if name == "base":  # fairseq wav2vec2_base_librispeech: 64 GPUs x 1.4M samples, 400k updates
+        return {"train": dict(lr=5e-4, warmup_updates=32_000, max_updates=400_000, precision="bf16")}
+    if name == "large":  # paper: peak lr 3e-4, Gumbel to 0.1, 128 GPUs x 1.2M samples
+        return {"train": dict(lr=3e-4, warmup_updates=32_000, max_updates=250_000, precision="bf16"),
+                "loss": dict(gumbel_end=0.1, feature_grad_scale=1.0), "data": dict(max_tokens=1_200_000)}
+    if name == "small":  # a few million parameters: visibly learns in ~25 min on 2 (shared) CPU cores
+        return {"train": dict(lr=2e-3, warmup_updates=50, max_updates=600, clip_norm=10.0, save_interval=50,
+                              log_interval=10),
+                "loss": dict(gumbel_decay=0.997),
+                "data": dict(max_tokens=144_000, max_samples=48_000, min_samples=16_000, num_workers=1)}
+    if name == "tiny":  # tests and smoke runs
+        return {"train": dict(lr=1e-3, warmup_updates=10, max_updates=100, save_interval=50, log_interval=10),
+                "loss": dict(num_negatives=10, mask_length=4, gumbel_decay=0.99),
+                "data": dict(max_tokens=64_000, max_samples=16_000, min_samples=4000, num_workers=0)}
+    raise ValueError(f"unknown preset {name!r}; choose one of tiny, small, base, large")
+
+
+def recipe(name: str = "base", overrides: dict | None = None) -> Recipe:
+    """The preset ``name`` with ``overrides`` (a dict with optional ``model``, ``train``, ``loss``,
+    ``data`` sections) applied on top."""
+    parts = _recipe_overrides(name)
+    for section, values in (overrides or {}).items():
+        if section == "preset":
+            continue
+        if section not in ("model", "train", "loss", "data"):
+            raise ValueError(f"unknown section {section!r} in the pretraining config; use model, train, loss, data")
+        parts[section] = {**parts.get(section, {}), **values}
+    model_cfg = model_presets.preset(name).replace(**parts.get("model", {})) if "model" in parts \
+        else model_presets.preset(name)
+    return Recipe(model=model_cfg, train=TrainConfig.from_dict(parts.get("train", {})),
+                  loss=_build(PretrainConfig, parts.get("loss", {})), data=_build(DataConfig, parts.get("data", {})),
+                  preset=name)
+
+
+def _build(cls, values: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} options {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """A JSON file ``{"preset": "small", "model": {...}, "train": {...}, "loss": {...}, "data": {...}}``
+    (every section optional; a file written by :meth:`Recipe.to_dict` loads back unchanged)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object with sections model/train/loss/data")
+    return recipe(d.get("preset", "base"), d)
+
+
+# ---------------------------------------------------------------------------- a whole run
+
+
+RECIPE_FILE = "pretrain_config.json"
+
+
+def prepare_data(inputs, rec: Recipe) -> tuple[list, list]:
+    """List and validate the audio of ``inputs`` (manifests, folders, files): ``(good, bad)``."""
+    from .data import list_entries, validate_entries
+
+    return validate_entries(list_entries(inputs), min_seconds=rec.data.min_samples / rec.model.sampling_rate)
+
+
+def build_trainer(entries, run_dir: str | os.PathLike, rec: Recipe, model: Wav2Vec2 | None = None, hooks=()):
+    """Model (fresh from ``rec.model`` unless given), bucketed cropping loader and trainer for a run."""
+    from .data import AudioDataset, BucketBatchSampler, Collate, make_loader_factory
+    from .model import build_model
+    from .trainer import Trainer, dist_info
+
+    if not entries:
+        raise ValueError("no usable audio to pretrain on (every file was missing, unreadable or too short)")
+    info = dist_info()
+    torch.manual_seed(rec.train.seed)
+    if model is None:
+        model = build_model(rec.model, with_quantizer=True)
+    elif model.quantizer is None:
+        raise ValueError("the model to continue pretraining has no quantizer")
+    seed = rec.train.seed
+    ds = AudioDataset(entries, max_samples=rec.data.max_samples, seed=seed, sample_rate=rec.model.sampling_rate)
+    sampler = BucketBatchSampler([ds.num_samples(i) for i in range(len(ds))], rec.data.max_tokens, seed=seed,
+                                 rank=info.rank, world_size=info.world_size, crop_to_shortest=True)
+    loader = make_loader_factory(ds, sampler, Collate(crop_to_shortest=True, seed=seed), rec.data.num_workers)
+    train_cfg = rec.train
+    if info.world_size > 1 and rec.model.layerdrop > 0:
+        train_cfg = train_cfg.replace(find_unused_parameters=True)
+    trainer = Trainer(model, PretrainingLoss(rec.loss), loader, train_cfg, run_dir, hooks=hooks)
+    if trainer.info.is_main:
+        from .fileio import atomic_write_text
+        atomic_write_text(Path(run_dir) / RECIPE_FILE, json.dumps(rec.to_dict(), indent=2) + "\n")
+    return trainer

@@ -1,0 +1,673 @@
+"""The training engine shared by pretraining and fine-tuning.
+
+A task supplies three things:
+
+* ``model`` -- an ``nn.Module`` (a :class:`w2v2.Wav2Vec2` is saved in Hugging Face layout);
+* ``loss_fn(model, batch) -> (loss_sum, sample_size, metrics)`` -- ``loss_sum`` is a scalar
+  tensor *summed* over the batch's ``sample_size`` units (masked frames, target tokens, ...),
+  ``metrics`` a dict of floats that are *means over this batch* (the trainer averages them over
+  micro-batches and ranks weighted by ``sample_size``). If it has ``set_step(step)``, that is
+  called before every update (Gumbel temperature, freezing schedules); if it has
+  ``state_dict()``/``load_state_dict()``, they go into the checkpoint;
+* ``make_loader(epoch, skip) -> iterable of batches`` -- the epoch's batches for this rank
+  minus the first ``skip`` (see :func:`w2v2.data.make_loader_factory`).
+
+One update = ``accum_steps`` micro-batches per rank: the summed losses are backpropagated, the
+sample sizes summed over micro-batches and ranks, and the gradients divided by that global sample
+size, so the gradient is the same whatever the number of ranks and micro-batches. Then
+non-finite loss or gradient -> the update is skipped (logged, gradients zeroed, weights and
+optimizer untouched); else clip, AdamW step, next learning rate (:func:`get_lr`, a pure
+function of the update number).
+
+A run directory holds ``train_config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per
+update), and ``checkpoint_NNNNNNN/`` directories (the model via ``save_pretrained`` plus
+``trainer_state.pt``) with a ``checkpoint_last`` symlink to the newest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .fileio import _fsync_dir, atomic_open
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, object], tuple[Tensor, "int | float | Tensor", dict]]
+LoaderFactory = Callable[[int, int], Iterable]
+CHECKPOINT_PREFIX = "checkpoint_"
+LAST = "checkpoint_last"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping options (the model's architecture lives in ``ModelConfig``)."""
+
+    lr: float = 5e-4
+    schedule: str = "polynomial"  # polynomial | tri_stage | constant
+    warmup_updates: int = 32_000  # polynomial / constant: linear warm-up from 0
+    end_lr: float = 0.0  # polynomial: learning rate at max_updates
+    power: float = 1.0  # polynomial: 1 = linear decay
+    tri_stage_ratios: tuple[float, float, float] = (0.1, 0.4, 0.5)  # warm-up, hold, decay fractions
+    init_lr_scale: float = 0.01  # tri_stage: warm-up starts at lr * init_lr_scale
+    final_lr_scale: float = 0.05  # tri_stage: decay ends at lr * final_lr_scale
+    max_updates: int = 400_000
+    max_epochs: int | None = None
+    accum_steps: int = 1  # micro-batches per update and rank (fairseq update_freq)
+    clip_norm: float = 0.0  # 0: no clipping (the norm is still measured and logged)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (GPU, GradScaler)
+    log_interval: int = 10  # console lines; the metric files get every update
+    save_interval: int = 1000  # updates between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept (0 keeps all)
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sample_rate: int = 16000  # to report audio seconds per second from batch["lengths"]
+    progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = False
+    find_unused_parameters: bool = False  # DDP: needed when some parameters get no gradient (layerdrop, freezing)
+    max_consecutive_skips: int = 50  # stop with an error when training keeps producing non-finite values
+
+    def __post_init__(self) -> None:
+        self.tri_stage_ratios = tuple(self.tri_stage_ratios)
+        self.betas = tuple(self.betas)
+        if self.schedule not in ("polynomial", "tri_stage", "constant"):
+            raise ValueError(f"schedule must be polynomial, tri_stage or constant, got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.accum_steps < 1 or self.max_updates < 0:
+            raise ValueError("accum_steps must be >= 1 and max_updates >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update ``step`` (0 = the first update)."""
+    if cfg.schedule == "tri_stage":
+        return _tri_stage(step, cfg)
+    warmup = cfg.warmup_updates
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if step >= cfg.max_updates:
+        return cfg.end_lr
+    remaining = 1.0 - (step - warmup) / max(1, cfg.max_updates - warmup)
+    return cfg.end_lr + (cfg.lr - cfg.end_lr) * remaining ** cfg.power
+
+
+def _tri_stage(step: int, cfg: TrainConfig) -> float:
+    """fairseq ``tri_stage``: linear warm-up from ``lr * init_lr_scale``, hold at ``lr``,
+    exponential decay to ``lr * final_lr_scale``; stays there after ``max_updates``."""
+    warmup, hold, decay = (int(r * cfg.max_updates) for r in cfg.tri_stage_ratios)
+    if step < warmup:
+        start = cfg.lr * cfg.init_lr_scale
+        return start + (cfg.lr - start) * step / warmup
+    step -= warmup
+    if step < hold:
+        return cfg.lr
+    step -= hold
+    if step < decay:
+        return cfg.lr * math.exp(math.log(cfg.final_lr_scale) * step / decay)
+    return cfg.lr * cfg.final_lr_scale
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
+    info = info or dist_info()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and info.world_size > 1:
+        name = f"cuda:{info.local_rank}"
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Start the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    info = dist_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist_info()
+
+
+# ---------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) generator states, storable with weights_only=True."""
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint_NNNNNNN`` directories of a run, oldest first."""
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and not p.is_symlink() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``checkpoint_last`` points to (or the newest complete one), else None."""
+    link = Path(run_dir) / LAST
+    if link.is_symlink() and (link.resolve() / STATE_FILE).exists():
+        return link.resolve()
+    complete = [p for p in checkpoint_dirs(run_dir) if (p / STATE_FILE).exists()]
+    return complete[-1] if complete else None
+
+
+def save_model_weights(model: nn.Module, directory: Path) -> None:
+    """A :class:`Wav2Vec2` via ``save_pretrained`` (Hugging Face layout); other modules as safetensors."""
+    from .checkpoint import save_pretrained
+    from .model import Wav2Vec2
+
+    if isinstance(model, Wav2Vec2):
+        save_pretrained(model, directory)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(directory / "model.safetensors"))
+
+
+def load_model_weights(model: nn.Module, directory: Path) -> None:
+    """Load weights written by :func:`save_model_weights` into ``model`` in place (exactly)."""
+    from .checkpoint import load_model
+    from .model import Wav2Vec2
+
+    if isinstance(model, Wav2Vec2):
+        state = load_model(directory).state_dict()
+    else:
+        from safetensors.torch import load_file
+        state = load_file(str(directory / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in directory.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _point_last(run_dir: Path, target: Path) -> None:
+    """Atomically repoint ``checkpoint_last`` (a relative symlink) at ``target``."""
+    tmp = run_dir / f".{LAST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, run_dir / LAST)
+    _fsync_dir(run_dir)
+
+
+# ---------------------------------------------------------------------------- metric files
+
+
+class MetricLog:
+    """One row per update to ``metrics.jsonl`` and ``metrics.csv`` (columns fixed by the first
+    row; later new keys go to the JSONL only), optionally TensorBoard. On resume, rows past the
+    checkpoint's update (written by the interrupted run) are dropped first."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
+        self.jsonl, self.csv_path = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+        self.columns: list[str] | None = None
+        if resume_step is None:
+            for p in (self.jsonl, self.csv_path):
+                p.unlink(missing_ok=True)
+        else:
+            self._truncate(resume_step)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.warning("TensorBoard is not installed (pip install 'w2v2[tensorboard]'): not logging to it")
+
+    def _truncate(self, step: int) -> None:
+        rows = read_metrics(self.jsonl.parent) if self.jsonl.exists() else []
+        rows = [r for r in rows if r.get("update", 0) <= step]
+        with atomic_open(self.jsonl) as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = reader.fieldnames
+                kept = [r for r in reader if float(r.get("update") or 0) <= step]
+            with atomic_open(self.csv_path) as f:
+                writer = csv.DictWriter(f, self.columns, extrasaction="ignore", restval="")
+                writer.writeheader()
+                writer.writerows(kept)
+
+    def write(self, row: dict) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore", restval="")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "update":
+                    self.tb.add_scalar(k, v, row["update"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """All rows of a run's ``metrics.jsonl`` (a torn last line is ignored)."""
+    rows = []
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+class _LossModule(nn.Module):
+    """Puts ``loss_fn(model, batch)`` inside ``forward`` so DDP sees (and syncs) every call."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class _Stop(Exception):
+    pass
+
+
+class Trainer:
+    """Runs updates until ``cfg.max_updates`` (or ``max_epochs``), saving and logging as it goes.
+
+    ``hooks``: callables ``hook(trainer, row)`` run after each update on every rank (``row`` is the
+    logged metrics dict; ``trainer.info.is_main`` says whether this rank writes) -- e.g. a
+    validation pass every N updates. ``extra_state``: a JSON-able dict saved in every checkpoint
+    (``trainer.extra_state`` is restored on resume).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, make_loader: LoaderFactory, cfg: TrainConfig,
+                 run_dir: str | os.PathLike, *, hooks: Iterable[Callable] = (), extra_state: dict | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(cfg.device)
+        self.info = init_distributed(self.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision fp16 needs a GPU (GradScaler); on CPU use bf16 or fp32")
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.make_loader = make_loader
+        self.hooks = list(hooks)
+        self.extra_state = dict(extra_state or {})
+        self.module: nn.Module = _LossModule(self.model, loss_fn)
+        if self.info.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = DDP(self.module, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                           betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.step = 0  # updates done
+        self.epoch = 0
+        self.batches_in_epoch = 0  # this rank's batches consumed in the current epoch
+        self.skipped = 0
+        self._consecutive_skips = 0
+        self._stop_requested = False
+        self._iter = None
+        self._metrics: MetricLog | None = None
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ data
+    def _next_batch(self):
+        """Next micro-batch, moving to the next epoch when one runs out."""
+        while True:
+            if self._iter is None:
+                if self.cfg.max_epochs is not None and self.epoch >= self.cfg.max_epochs:
+                    raise _Stop
+                self._iter = iter(self.make_loader(self.epoch, self.batches_in_epoch))
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                if self.batches_in_epoch == 0:
+                    raise RuntimeError("the data loader yields no batches: no usable audio, or max_tokens too small")
+                self._iter = None
+                self.epoch += 1
+                self.batches_in_epoch = 0
+                continue
+            self.batches_in_epoch += 1
+            return batch
+
+    # ------------------------------------------------------------------ one update
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def forward_backward(self, batches: list) -> dict:
+        """Backpropagate the summed losses of ``batches`` (this rank's micro-batches) and divide
+        the gradients by the global sample size. Returns the reduced statistics."""
+        sums = {}  # metric name -> sum of value * sample_size (this rank)
+        loss_total, size_total, audio_samples = 0.0, 0.0, 0.0
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1 or not hasattr(self.module, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.module.no_sync()
+            with ctx:
+                with self._autocast():
+                    loss, sample_size, metrics = self.module(_to_device(batch, self.device))
+                self.scaler.scale(loss.float()).backward()
+            size = float(sample_size)
+            loss_total += float(loss.detach())
+            size_total += size
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * size
+            if isinstance(batch, dict) and "lengths" in batch:
+                audio_samples += float(batch["lengths"].sum())
+        names = sorted(sums)
+        stats = torch.tensor([loss_total, size_total, audio_samples, float(self._stop_requested),
+                              float(not math.isfinite(loss_total))] + [sums[k] for k in names],
+                             dtype=torch.float64, device=self.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(stats)
+        stats = stats.tolist()
+        loss_total, size_total, audio_samples, stop, nonfinite = stats[:5]
+        # gradients now hold sum-loss gradients (averaged over ranks by DDP): make them per-unit
+        self.scaler.unscale_(self.optimizer)
+        factor = self.info.world_size / max(size_total, 1.0)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        out = {"loss": loss_total / max(size_total, 1.0), "sample_size": size_total,
+               "audio_seconds": audio_samples / self.cfg.sample_rate, "stop": stop > 0, "nonfinite_loss": nonfinite > 0}
+        out.update({k: v / max(size_total, 1.0) for k, v in zip(names, stats[5:])})
+        return out
+
+    def _grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else float("inf")
+        if not params:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def train_step(self) -> dict:
+        """One update: micro-batches, backward, (skip | clip + step), next learning rate."""
+        if hasattr(self.loss_fn, "set_step"):
+            self.loss_fn.set_step(self.step)
+        lr = get_lr(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.module.train()
+        start = time.perf_counter()
+        batches = [self._next_batch() for _ in range(self.cfg.accum_steps)]
+        stats = self.forward_backward(batches)
+        grad_norm = self._grad_norm()
+        skip = stats["nonfinite_loss"] or not math.isfinite(grad_norm)
+        if skip:
+            self.scaler.update()  # fp16: lowers the scale; no-op otherwise
+            self.skipped += 1
+            self._consecutive_skips += 1
+            log.warning("update %d skipped: non-finite %s", self.step + 1,
+                        "loss" if stats["nonfinite_loss"] else "gradient")
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self._consecutive_skips = 0
+            self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        row = {"update": self.step, "epoch": self.epoch, "lr": lr, "grad_norm": grad_norm,
+               "loss": stats["loss"], "skipped": int(skip)}
+        row.update({k: v for k, v in stats.items() if k not in ("loss", "stop", "nonfinite_loss", "audio_seconds")})
+        row.update({"audio_seconds": stats["audio_seconds"], "seconds": elapsed,
+                    "audio_sec_per_sec": stats["audio_seconds"] / max(elapsed, 1e-9)})
+        if self.cfg.precision == "fp16":
+            row["loss_scale"] = float(self.scaler.get_scale())
+        if stats["stop"]:
+            self._stop_requested = True
+        if self._consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise RuntimeError(f"{self._consecutive_skips} updates in a row had non-finite loss or gradients: "
+                               "training diverged; lower the learning rate or use fp32/bf16")
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                 "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "train_config": self.cfg.to_dict(),
+                 "extra": json.dumps(self.extra_state)}
+        if hasattr(self.loss_fn, "state_dict"):
+            state["loss_fn"] = self.loss_fn.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint_<step>`` atomically (temp dir, fsync, rename), repoint
+        ``checkpoint_last``, drop the oldest beyond ``keep_last``. Rank 0 only."""
+        if not self.info.is_main:
+            return None
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        if (final / STATE_FILE).exists():
+            _point_last(self.run_dir, final)
+            return final
+        tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=f".{final.name}."))
+        try:
+            save_model_weights(self.model, tmp)
+            with atomic_open(tmp / STATE_FILE, "wb") as f:
+                torch.save(self.state_dict(), f)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.run_dir)
+        _point_last(self.run_dir, final)
+        if self.cfg.keep_last > 0:
+            for old in checkpoint_dirs(self.run_dir)[:-self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", final)
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore weights, optimizer, scaler, RNG states and data position (every rank)."""
+        path = Path(path)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        load_model_weights(self.model, path)
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batches_in_epoch, self.skipped = state["batches_in_epoch"], state["skipped"]
+        self.extra_state = json.loads(state.get("extra", "{}"))
+        if "loss_fn" in state and hasattr(self.loss_fn, "load_state_dict"):
+            self.loss_fn.load_state_dict(state["loss_fn"])
+        set_rng_state(state["rng"])
+        self._iter = None
+        log.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                 self.batches_in_epoch)
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        log.warning("%s received: finishing this update, saving, then exiting (again to abort)",
+                    signal.Signals(signum).name)
+        self._stop_requested = True
+
+    @contextlib.contextmanager
+    def _signals(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def train(self, resume: bool | str | os.PathLike = False) -> dict:
+        """Train until ``max_updates``; returns ``{"step", "stopped_early", "checkpoint"}``.
+
+        ``resume``: True continues from ``run_dir/checkpoint_last`` when there is one (else a
+        fresh start), a path continues from that checkpoint directory."""
+        seed_everything(self.cfg.seed)
+        ckpt = None
+        if resume:
+            ckpt = Path(resume) if not isinstance(resume, bool) else last_checkpoint(self.run_dir)
+            if ckpt is None:
+                log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+            else:
+                self.load_checkpoint(ckpt)
+        if self.info.is_main:
+            with atomic_open(self.run_dir / "train_config.json") as f:
+                json.dump(self.cfg.to_dict(), f, indent=2)
+            self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
+        bar = self._progress_bar()
+        stopped_early = False
+        try:
+            with self._signals():
+                while self.step < self.cfg.max_updates:
+                    row = self.train_step()
+                    self._after_update(row, bar)
+                    if self._stop_requested:
+                        stopped_early = True
+                        break
+        except _Stop:
+            pass
+        finally:
+            if bar is not None:
+                bar.close()
+        path = self.save_checkpoint()
+        if self._metrics is not None:
+            self._metrics.close()
+        self._iter = None
+        return {"step": self.step, "stopped_early": stopped_early, "checkpoint": path}
+
+    def _after_update(self, row: dict, bar) -> None:
+        if self.info.is_main:
+            self._metrics.write(row)
+            if bar is not None:
+                bar.n = self.step
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "lr") if k in row}, refresh=False)
+                bar.refresh()
+            if self.step % self.cfg.log_interval == 0 and not row["skipped"]:
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        for hook in self.hooks:
+            hook(self, row)
+        if not row["skipped"] and self.step % self.cfg.save_interval == 0 and self.step < self.cfg.max_updates:
+            self.save_checkpoint()
+
+    def _progress_bar(self):
+        if not (self.cfg.progress and self.info.is_main):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.max_updates, initial=self.step, unit="upd", dynamic_ncols=True)
