@@ -30,23 +30,24 @@ def hf_config(name: str, vocab_size: int = 32, **overrides):
     import transformers
 
     d = convert.config_to_hf(preset(name, vocab_size=vocab_size), "Wav2Vec2ForCTC")
-    d.update(mask_time_prob=0.0, attn_implementation="sdpa", **overrides)
+    d.update(mask_time_prob=0.0, attn_implementation="sdpa")
+    d.update(overrides)
     return transformers.Wav2Vec2Config(**d)
 
 
-def model_pair(directory: Path, config=None, model_dir: str | None = None):
-    """(transformers Wav2Vec2ForCTC, ours) on the same weights: random weights from ``config``
+def model_pair(directory: Path, config=None, model_dir: str | None = None, head: str = "Wav2Vec2ForCTC"):
+    """(transformers ``head`` model, ours) on the same weights: random weights from ``config``
     saved to ``directory``, or the checkpoint ``model_dir``. Both in eval mode."""
     import transformers
 
     if model_dir is None:
         torch.manual_seed(0)
-        hf = transformers.Wav2Vec2ForCTC(config)
+        hf = getattr(transformers, head)(config)
         hf.save_pretrained(directory)
         (Path(directory) / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
         model_dir = str(directory)
     else:
-        hf = transformers.Wav2Vec2ForCTC.from_pretrained(model_dir, attn_implementation="sdpa")
+        hf = getattr(transformers, head).from_pretrained(model_dir, attn_implementation="sdpa")
     return hf.eval(), w2v2.load_model(model_dir).eval()
 
 
