@@ -16,6 +16,7 @@ they are recomputed on every call, so gradients reach the parameters.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import weakref
 from typing import Callable
@@ -150,17 +151,22 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, *, gelu: bool = False,
 
 
 # --------------------------------------------------------------------------- dropout
+def keep_mask(shape, p: float, device) -> tuple[Tensor, float]:
+    """(bool mask of kept elements, 1 / keep probability) for dropout with probability ``p``.
+
+    16 random bits per element, four from each random int64: PyTorch's bernoulli_ costs 10x more
+    on CPUs. The drop probability is round(p * 2**16) / 2**16 (within 1e-5 of p) and the scale
+    matches it exactly."""
+    threshold = round(p * 65536)
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    return (bits.view(torch.int16)[:n] >= threshold - 32768).view(shape), 65536 / (65536 - threshold)
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
-        # 16 random bits per element, four from each random int64: PyTorch's bernoulli_ costs 10x
-        # more on CPUs. The drop probability is round(p * 2**16) / 2**16 (within 1e-5 of p) and
-        # the scale matches it exactly.
-        threshold = round(p * 65536)
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-        mask = (bits.view(torch.int16)[:n] >= threshold - 32768).view(x.shape)
-        ctx.scale = 65536 / (65536 - threshold)
+        mask, ctx.scale = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(mask)
         return torch.ops.aten.native_dropout_backward(x, mask, ctx.scale)
 
@@ -196,12 +202,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, d
     the softmax in float32 (1.5x (float32) to 2.5x (bfloat16) faster than PyTorch's CPU flash
     attention, whose bfloat16 kernel is no faster than its float32 one without AMX); otherwise SDPA."""
     b, h, t, d = q.shape
-    if dropout_p > 0 and q.device.type == "cpu":  # SDPA's CPU math kernel with dropout is slow
-        s = (q * d ** -0.5) @ k.transpose(-1, -2)  # (batch, heads, time, time)
-        if key_mask is not None:
-            s = s.masked_fill(~key_mask, float("-inf"))
-        p = dropout(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), dropout_p, True)
-        return (p @ v).transpose(1, 2).reshape(b, t, h * d)
+    if needs_grad(q, k, v) and onednn_ok(q, k, v):
+        return _AttentionTrain.apply(q, k, v, key_mask, dropout_p)
     if dropout_p > 0 or needs_grad(q, k, v) or not onednn_ok(q, k, v):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
         return y.transpose(1, 2).reshape(b, t, h * d)
@@ -218,6 +220,53 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, d
                     s.masked_fill_(masked, float("-inf"))
                 out[i, s0: s0 + block, j] = _lp(torch.softmax(s, -1), vt, None)  # float32 inside
     return out.view(b, t, h * d)
+
+
+class _AttentionTrain(torch.autograd.Function):
+    """Attention with dropout on the probabilities, head by head with oneDNN products in both
+    directions (PyTorch's CPU SDPA falls back to MKL batched products and bernoulli_ here).
+    Saves q, k, v, the probabilities and the dropout mask, as SDPA's math path does."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float) -> Tensor:
+        b, h, t, d = q.shape
+        probs = torch.empty(b, h, t, t, dtype=q.dtype, device=q.device)
+        keep, ctx.drop_scale = keep_mask((b, h, t, t), dropout_p, q.device) if dropout_p > 0 else (None, 1.0)
+        out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
+        for i in range(b):
+            masked = None if key_mask is None else ~key_mask[i, 0]  # (1, time)
+            for j in range(h):
+                s = _lp(q[i, j] * d ** -0.5, k[i, j].contiguous(), None)  # (queries, keys)
+                if masked is not None:
+                    s.masked_fill_(masked, float("-inf"))
+                p = probs[i, j]
+                torch.softmax(s, -1, out=p) if s.dtype == p.dtype else p.copy_(torch.softmax(s, -1))
+                if keep is not None:
+                    p = torch.ops.aten.native_dropout_backward(p, keep[i, j], ctx.drop_scale)
+                out[i, :, j] = _lp(p, v[i, j].t().contiguous(), None)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        return out.view(b, t, h * d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, probs, keep = ctx.saved_tensors
+        b, h, t, d = q.shape
+        grad = grad.view(b, t, h, d)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for i in range(b):
+            for j in range(h):
+                dy = grad[i, :, j].contiguous()  # (queries, head_dim)
+                p = probs[i, j]
+                pd = p if keep is None else torch.ops.aten.native_dropout_backward(p, keep[i, j], ctx.drop_scale)
+                dv[i, j] = _lp(pd.t(), dy.t(), None)  # p^T dy
+                dp = _lp(dy, v[i, j].contiguous(), None)  # dy v^T: (queries, keys)
+                if keep is not None:
+                    dp = torch.ops.aten.native_dropout_backward(dp, keep[i, j], ctx.drop_scale)
+                ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype) * d ** -0.5
+                kh, qh = k[i, j].contiguous(), q[i, j].contiguous()
+                dq[i, j] = _lp(ds, kh.t(), None)  # ds k
+                dk[i, j] = _lp(ds.t(), qh.t(), None)  # ds^T q
+        return dq, dk, dv, None, None
 
 
 # --------------------------------------------------------------------------- convolution
