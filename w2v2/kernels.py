@@ -242,7 +242,7 @@ class _AttentionTrain(torch.autograd.Function):
                 p = probs[i, j]
                 torch.softmax(s, -1, out=p) if s.dtype == p.dtype else p.copy_(torch.softmax(s, -1))
                 if keep is not None:
-                    p = torch.ops.aten.native_dropout_backward(p, keep[i, j], ctx.drop_scale)
+                    p = p * keep[i, j].to(p.dtype).mul_(ctx.drop_scale)
                 out[i, :, j] = _lp(p, v[i, j].t().contiguous(), None)
         ctx.save_for_backward(q, k, v, probs, keep)
         return out.view(b, t, h * d)
@@ -257,11 +257,11 @@ class _AttentionTrain(torch.autograd.Function):
             for j in range(h):
                 dy = grad[i, :, j].contiguous()  # (queries, head_dim)
                 p = probs[i, j]
-                pd = p if keep is None else torch.ops.aten.native_dropout_backward(p, keep[i, j], ctx.drop_scale)
-                dv[i, j] = _lp(pd.t(), dy.t(), None)  # p^T dy
+                m = None if keep is None else keep[i, j].to(p.dtype).mul_(ctx.drop_scale)  # dropout multiplier
+                dv[i, j] = _lp((p if m is None else p * m).t(), dy.t(), None)  # p^T dy
                 dp = _lp(dy, v[i, j].contiguous(), None)  # dy v^T: (queries, keys)
-                if keep is not None:
-                    dp = torch.ops.aten.native_dropout_backward(dp, keep[i, j], ctx.drop_scale)
+                if m is not None:
+                    dp.mul_(m)
                 ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype) * d ** -0.5
                 kh, qh = k[i, j].contiguous(), q[i, j].contiguous()
                 dq[i, j] = _lp(ds, kh.t(), None)  # ds k
