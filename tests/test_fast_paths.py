@@ -192,3 +192,16 @@ def test_dropout_rate_scale_and_gradient():
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())
     assert kernels.dropout(x, 0.1, False) is x
+
+
+@pytest.mark.parametrize("per_head_from", [1, 10**9])  # head by head / all heads at once
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_inference_attention_equals_sdpa(per_head_from, dtype, tol):
+    torch.manual_seed(0)
+    t = 300
+    q, k, v = torch.randn(2, t, 3, 4, 16).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)  # (batch, heads, time, 16)
+    key_mask = (torch.arange(t)[None] < torch.tensor([t, 170])[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=key_mask)
+    with torch.inference_mode():
+        out = kernels.attention(q, k, v, key_mask, block=128, per_head_from=per_head_from)
+    assert max_diff(out.double(), ref.transpose(1, 2).reshape(2, t, 64)) <= tol

@@ -84,7 +84,7 @@ class FeatureEncoder(nn.Module):
       whole input: memory stays flat in the input length and the working set stays in cache.
     """
 
-    chunk_frames = {"cpu": 64}  # output frames per chunk by device type; others: 4096
+    chunk_frames = {"cpu": 256}  # output frames per chunk by device type; others: 4096
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
