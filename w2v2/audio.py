@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-import av
 import numpy as np
 import soundfile as sf
 import soxr
@@ -201,8 +200,19 @@ def _soundfile_chunks(snd: sf.SoundFile, name: str) -> Iterator[np.ndarray]:
             yield to_mono(block)
 
 
+def _av():
+    """PyAV, imported on first use: only the ffmpeg path needs it (and where it is missing,
+    everything libsndfile reads still works)."""
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is a hard dependency of the package
+        raise AudioError(f"PyAV (package 'av') is needed for this format: {exc}") from None
+    return av
+
+
 def _av_container(source: Source, name: str):
     """An open PyAV input container (metadata that is not UTF-8 is tolerated, not fatal)."""
+    av = _av()
     try:
         return av.open(source, mode="r", metadata_errors="replace")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
@@ -231,6 +241,7 @@ def _open_av(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]:
 
 
 def _av_chunks(container, stream, rate: int, name: str) -> Iterator[np.ndarray]:
+    av = _av()
     with container:
         try:
             for frame in container.decode(stream):
@@ -355,6 +366,7 @@ def audio_duration(path: str | os.PathLike) -> float | None:
     else:
         _check_rate(info.samplerate, path)
         return info.frames / info.samplerate if info.frames > 0 else None
+    av = _av()
     try:
         with _av_container(path, path) as container:
             if not container.streams.audio:

@@ -42,7 +42,7 @@ import torch
 
 from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import load_model, save_pretrained
-from .config import preset
+from .config import ModelConfig, preset
 from .data import Collate, Entry
 from .decoding import greedy_decode
 from .decoding.alignment import min_frames
@@ -93,8 +93,8 @@ class FinetuneConfig:
 def init_model(spec: str, vocab: Vocabulary, **regularisation) -> Wav2Vec2:
     """The model to fine-tune, with a CTC head for ``vocab``.
 
-    ``spec``: ``random:PRESET`` (tiny, small, base, large; randomly initialised, for
-    from-scratch baselines), or anything :func:`w2v2.load_model` takes (our run and checkpoint
+    ``spec``: ``random:PRESET`` (tiny, small, base, large) or ``random:CONFIG.json`` (a
+    ``config.json`` with Hugging Face field names), randomly initialised, for from-scratch training, or anything :func:`w2v2.load_model` takes (our run and checkpoint
     dirs, Hugging Face dirs and hub ids, fairseq ``.pt``). A head is kept only when the source
     model already has one for exactly this vocabulary. ``regularisation``: ModelConfig
     overrides among ``REGULARISATION`` (None values are ignored)."""
@@ -103,7 +103,11 @@ def init_model(spec: str, vocab: Vocabulary, **regularisation) -> Wav2Vec2:
     if unknown:
         raise ValueError(f"unknown regularisation options {sorted(unknown)}; known: {REGULARISATION}")
     if spec.startswith("random:"):
-        return build_model(preset(spec.split(":", 1)[1], **overrides), vocab=vocab)
+        name = spec.split(":", 1)[1]
+        if name.endswith(".json"):  # an architecture of one's own: a config.json (HF field names)
+            with open(name, encoding="utf-8") as f:
+                return build_model(ModelConfig.from_dict(json.load(f)).replace(**overrides), vocab=vocab)
+        return build_model(preset(name, **overrides), vocab=vocab)
     source = load_model(spec, with_quantizer=False)
     keep_head = source.lm_head is not None and source.vocab is not None and source.vocab.tokens == vocab.tokens
     model = build_model(source.config.replace(**overrides), vocab=source.vocab if keep_head else None, init=False)
@@ -302,8 +306,21 @@ class Validator:
             self._start(trainer.extra_state.get("last_valid", 0))
         step = trainer.step
         due = (step % self.cfg.valid_interval == 0 or step >= self.max_updates) and not row["skipped"]
-        if not due or not trainer.info.is_main or trainer.extra_state.get("last_valid") == step:
+        if due:
+            self.validate(trainer, row)
+
+    def at_end(self, trainer) -> None:
+        """Training stopped (time limit, signal, last update): validate the final weights unless
+        that was just done, so that ``best/`` never misses the end of a run."""
+        if trainer.step > 0:
+            self.validate(trainer, {"epoch": trainer.epoch})
+
+    def validate(self, trainer, row: dict) -> None:
+        step = trainer.step
+        if not trainer.info.is_main or trainer.extra_state.get("last_valid") == step:
             return
+        if not self._started:
+            self._start(trainer.extra_state.get("last_valid", 0))
         model = trainer.model
         v = validate(model, self.waves, self.texts, self.vocab, self.cfg.case, self.cfg.valid_batch_seconds)
         best = trainer.extra_state.get("best_wer", math.inf)

@@ -77,6 +77,10 @@ class TrainConfig:
     max_updates: int = 400_000
     max_epochs: int | None = None
     max_minutes: float | None = None  # stop (and save) after this much training time (per invocation)
+    # "updates": the schedule runs over max_updates; "time": over max_minutes of training time
+    # (the whole run's, kept across resumes), for "train for 8 minutes" budgets whose update
+    # count is not known in advance. Time-driven runs are not bit-reproducible (wall clock).
+    schedule_clock: str = "updates"
     accum_steps: int = 1  # micro-batches per update and rank (fairseq update_freq)
     clip_norm: float = 0.0  # 0: no clipping (the norm is still measured and logged)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -100,6 +104,10 @@ class TrainConfig:
         problems = []  # all of them at once
         if self.schedule not in ("polynomial", "tri_stage", "constant"):
             problems.append(f"schedule must be polynomial, tri_stage or constant, got {self.schedule!r}")
+        if self.schedule_clock not in ("updates", "time"):
+            problems.append(f"schedule_clock must be updates or time, got {self.schedule_clock!r}")
+        if self.schedule_clock == "time" and not self.max_minutes:
+            problems.append("schedule_clock time needs max_minutes (the time the schedule runs over)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.accum_steps < 1 or self.max_updates < 0:
@@ -477,6 +485,8 @@ class Trainer:
         self._stop_local = False  # this rank wants to stop (signal, time limit)
         self._stop_agreed = False  # every rank stops after this update
         self._started = time.monotonic()
+        self.train_seconds = 0.0  # training time of the whole run (resumes included)
+        self._train_seconds_at_start = 0.0
         self._resumed_from: Path | None = None
         self._iter = None
         self._metrics: MetricLog | None = None
@@ -559,7 +569,7 @@ class Trainer:
         """One update: micro-batches, backward, (skip | clip + step), next learning rate."""
         if hasattr(self.loss_fn, "set_step"):
             self.loss_fn.set_step(self.step)
-        lr = get_lr(self.step, self.cfg)
+        lr = get_lr(self._schedule_step(), self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.module.train()
@@ -599,7 +609,7 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                  "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng_state(), "train_config": self.cfg.to_dict(),
-                 "extra": json.dumps(self.extra_state)}
+                 "extra": json.dumps(self.extra_state), "train_seconds": self._elapsed_total()}
         if hasattr(self.loss_fn, "state_dict"):
             state["loss_fn"] = self.loss_fn.state_dict()
         return state
@@ -654,6 +664,7 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped = state["batches_in_epoch"], state["skipped"]
         self.extra_state = json.loads(state.get("extra", "{}"))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if "loss_fn" in state and hasattr(self.loss_fn, "load_state_dict"):
             self.loss_fn.load_state_dict(state["loss_fn"])
         set_rng_state(state["rng"])
@@ -749,6 +760,7 @@ class Trainer:
             self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
         bar = self._progress_bar()
         self._started = time.monotonic()
+        self._train_seconds_at_start = self.train_seconds
         stopped_early = False
         try:
             with self._signals():
@@ -766,6 +778,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        for hook in self.hooks:  # e.g. a last validation, whose outcome the final checkpoint records
+            if hasattr(hook, "at_end"):
+                hook.at_end(self)
         path = self.save_checkpoint()
         if self._metrics is not None:
             self._metrics.close()
@@ -773,7 +788,28 @@ class Trainer:
         return {"step": self.step, "stopped_early": stopped_early, "checkpoint": path}
 
     def _time_is_up(self) -> bool:
+        if self.cfg.schedule_clock == "time":
+            return self._time_schedule_done()
         return self.cfg.max_minutes is not None and time.monotonic() - self._started > 60 * self.cfg.max_minutes
+
+    def _elapsed_total(self) -> float:
+        """Training seconds of the whole run so far (earlier invocations included)."""
+        return self._train_seconds_at_start + time.monotonic() - self._started
+
+    def _time_schedule_done(self) -> bool:
+        return self.cfg.schedule_clock == "time" and self._elapsed_total() >= 60 * self.cfg.max_minutes
+
+    def _schedule_step(self) -> int:
+        """The step the learning-rate schedule is at: the update count, or with the time clock the
+        same fraction of ``max_updates`` as the fraction of ``max_minutes`` spent."""
+        if self.cfg.schedule_clock != "time":
+            return self.step
+        fraction = min(1.0, self._elapsed_total() / (60 * self.cfg.max_minutes))
+        if self.info.world_size > 1:  # every rank must use rank 0's learning rate
+            t = torch.tensor([fraction], dtype=torch.float64, device=self.device)
+            dist.broadcast(t, src=0)
+            fraction = float(t)
+        return int(fraction * self.cfg.max_updates)
 
     def _after_update(self, row: dict, bar) -> None:
         if self.info.is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--init", required=True,
                    help="pretrained model: our run or checkpoint dir, HF dir or hub id, fairseq .pt, "
-                        "or random:PRESET (tiny, small, base, large) to train from scratch")
+                        "or random:PRESET (tiny, small, base, large) or random:CONFIG.json to train from scratch")
     g.add_argument("--train", required=True, nargs="+", help="manifest(s) with transcripts (path seconds speaker text)")
     g.add_argument("--valid", required=True, nargs="+", help="validation manifest(s)")
     g.add_argument("--out", required=True, help="run directory (checkpoints, metrics, best/)")
@@ -23,6 +24,11 @@ def add_arguments(p) -> None:
 
     g = p.add_argument_group("schedule")
     g.add_argument("--max-updates", type=int, default=13000)
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (and save) after this many minutes of training")
+    g.add_argument("--schedule-clock", choices=("updates", "time"), default="updates",
+                   help="run the learning-rate schedule over --max-updates, or over --max-minutes of "
+                        "training time (a fixed time budget; not bit-reproducible)")
     g.add_argument("--freeze-updates", type=int, default=0,
                    help="updates during which only the CTC head trains (fairseq freeze_finetune_updates)")
     g.add_argument("--feature-grad-scale", type=float, default=0.0,
@@ -89,6 +95,7 @@ def configs(args):
             lr=args.lr, schedule=args.schedule, warmup_updates=args.warmup_updates,
             tri_stage_ratios=tuple(args.tri_stage_ratios), init_lr_scale=args.init_lr_scale,
             final_lr_scale=args.final_lr_scale, max_updates=args.max_updates, accum_steps=args.accum_steps,
+            max_minutes=args.max_minutes, schedule_clock=args.schedule_clock,
             clip_norm=args.clip_norm, eps=args.eps, weight_decay=args.weight_decay, precision=args.precision,
             log_interval=args.log_interval, save_interval=args.save_interval, keep_last=args.keep_last,
             seed=args.seed, device=args.device, progress=not args.no_progress, tensorboard=args.tensorboard),
@@ -120,7 +127,15 @@ def run(args) -> int:
         ft, tc, reg = configs(args)
     except ConfigError as e:
         problems += e.problems
-    if args.init.startswith("random:") and args.init.split(":", 1)[1] not in PRESETS:
+    name = args.init.split(":", 1)[1] if args.init.startswith("random:") else None
+    if name is not None and name.endswith(".json"):
+        try:
+            from ..config import ModelConfig
+            with open(name, encoding="utf-8") as f:
+                ModelConfig.from_dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            problems.append(f"--init {args.init}: cannot use it as a model configuration ({e})")
+    elif name is not None and name not in PRESETS:
         problems.append(f"--init {args.init}: unknown preset; use random:{' or random:'.join(PRESETS)}")
     try:
         read_data(args.train, args.valid)

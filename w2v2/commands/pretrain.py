@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("overrides (win over preset and config)")
     g.add_argument("--max-updates", type=int)
     g.add_argument("--max-minutes", type=float, help="stop (and save) after this many minutes of training")
+    g.add_argument("--schedule-clock", choices=("updates", "time"),
+                   help="run the learning-rate schedule over --max-updates (default) or over --max-minutes "
+                        "of training time (a fixed time budget; not bit-reproducible)")
     g.add_argument("--max-tokens", type=int, help="samples per batch and process")
     g.add_argument("--max-samples", type=int, help="crop longer files to this many samples")
     g.add_argument("--lr", type=float)
@@ -42,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args) -> dict:
     sections = {
-        "train": {"max_updates": args.max_updates, "max_minutes": args.max_minutes, "lr": args.lr, "warmup_updates": args.warmup_updates,
+        "train": {"max_updates": args.max_updates, "max_minutes": args.max_minutes,
+                  "schedule_clock": args.schedule_clock, "lr": args.lr, "warmup_updates": args.warmup_updates,
                   "accum_steps": args.accum_steps, "precision": args.precision, "save_interval": args.save_interval,
                   "keep_last": args.keep_last, "seed": args.seed, "device": args.device,
                   "tensorboard": args.tensorboard, "progress": args.progress},
