@@ -74,8 +74,11 @@ class FinetuneConfig:
     loss_norm: str = "sentences"  # sentences | tokens
     valid_interval: int = 500  # updates between validations (and one at the end)
     valid_batch_seconds: float = 200.0
+    best_metric: str = "wer"  # wer | cer: what best/ minimises (cer while WER is still ~100%)
 
     def __post_init__(self) -> None:
+        if self.best_metric not in ("wer", "cer"):
+            raise ValueError(f"best_metric must be 'wer' or 'cer', got {self.best_metric!r}")
         if self.loss_norm not in ("sentences", "tokens"):
             raise ValueError(f"loss_norm must be 'sentences' or 'tokens', got {self.loss_norm!r}")
         if self.valid_interval < 1:
@@ -325,6 +328,8 @@ class Validator:
         v = validate(model, self.waves, self.texts, self.vocab, self.cfg.case, self.cfg.valid_batch_seconds)
         best = trainer.extra_state.get("best_wer", math.inf)
         key = [v.wer, v.cer, v.loss_per_token]  # ties in WER (all 100% early on) go to lower CER, then loss
+        if self.cfg.best_metric == "cer":
+            key = [v.cer, v.wer, v.loss_per_token]
         improved = key < trainer.extra_state.get("best_key", [math.inf] * 3)
         if improved:
             save_best(model, self.run_dir / BEST, step, v)

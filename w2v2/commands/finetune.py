@@ -64,6 +64,8 @@ def add_arguments(p) -> None:
 
     g = p.add_argument_group("run")
     g.add_argument("--valid-interval", type=int, default=500, help="updates between validations")
+    g.add_argument("--best-metric", choices=("wer", "cer"), default="wer",
+                   help="what best/ minimises on the validation set (cer for models still near 100%% WER)")
     g.add_argument("--valid-batch-seconds", type=float, default=200.0)
     g.add_argument("--save-interval", type=int, default=1000, help="updates between checkpoints")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (best/ is kept apart)")
@@ -89,7 +91,7 @@ def configs(args):
             case=case, freeze_updates=args.freeze_updates, feature_grad_scale=args.feature_grad_scale,
             mask_prob=args.mask_prob, mask_length=args.mask_length, mask_min_masks=args.mask_min_masks,
             mask_channel_prob=args.mask_channel_prob, mask_channel_length=args.mask_channel_length,
-            loss_norm=args.loss_norm, valid_interval=args.valid_interval,
+            loss_norm=args.loss_norm, valid_interval=args.valid_interval, best_metric=args.best_metric,
             valid_batch_seconds=args.valid_batch_seconds),
         lambda: TrainConfig(
             lr=args.lr, schedule=args.schedule, warmup_updates=args.warmup_updates,
