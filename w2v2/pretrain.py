@@ -178,7 +178,7 @@ def _recipe_overrides(name: str) -> dict:
                               feat_proj_dropout=0.0),
                 "train": dict(lr=2e-3, warmup_updates=50, max_updates=1200, clip_norm=10.0, save_interval=100,
                               log_interval=10),
-                "loss": dict(penalty_weight=0.0, diversity_weight=1.0, gumbel_decay=0.998),
+                "loss": dict(penalty_weight=0.0, diversity_weight=0.3, gumbel_decay=0.998),
                 "data": dict(max_tokens=96_000, max_samples=32_000, min_samples=16_000, num_workers=1)}
     if name == "tiny":  # tests and smoke runs
         return {"train": dict(lr=1e-3, warmup_updates=10, max_updates=100, save_interval=50, log_interval=10),
