@@ -45,3 +45,48 @@ def hf_tiny_config(norm: str = "group", vocab_size: int = 12, **kw):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+def longest_clip(folder: str) -> tuple[Path, dict]:
+    """The longest utterance of a data folder: (path, manifest row)."""
+    if not (DATA / folder / "manifest.tsv").exists():
+        pytest.skip(f"real speech not found at {DATA / folder}")
+    row = max(read_manifest(DATA / folder), key=lambda r: float(r["seconds"]))
+    return DATA / folder / row["path"], row
+
+
+def tiny_ctc_model(vocab_texts, seed: int = 0, **config):
+    """A randomly initialised tiny CTC model over the characters of ``vocab_texts``.
+
+    The blank and the word delimiter get a small bias so that a random model still emits
+    words of a few characters (random logits alone give one endless word)."""
+    from w2v2.config import tiny
+    from w2v2.model import build_model
+    from w2v2.text import build_vocabulary
+
+    torch.manual_seed(seed)
+    vocab = build_vocabulary(vocab_texts)
+    model = build_model(tiny(**config), vocab=vocab).eval()
+    with torch.no_grad():
+        model.lm_head.bias[vocab.word_delimiter_index] = 0.15
+        model.lm_head.bias[vocab.blank_index] = 0.2
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, data_dir):
+    """A tiny random CTC model saved in Hugging Face layout (no trained model exists yet)."""
+    from w2v2.checkpoint import save_pretrained
+
+    texts = [r["text"] for r in read_manifest(data_dir / "ljspeech-amateur")]
+    return save_pretrained(tiny_ctc_model(texts), tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP's
+    busy-waiting makes them 10-100x slower; restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,9 +28,9 @@ def test_list_entries_folders_manifests_and_files(tmp_path):
     assert len(entries) == 2 + 1 + 1 + 1
     assert entries[2].text == "CLIP 0"  # a folder with a manifest uses it
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no audio files"):
+    with pytest.raises(data.ManifestError, match="no audio files"):
         data.list_entries([tmp_path / "empty"])
-    with pytest.raises(FileNotFoundError, match="no such manifest"):
+    with pytest.raises(data.ManifestError, match="no such manifest"):
         data.list_entries([tmp_path / "missing.tsv"])
 
 

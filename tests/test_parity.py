@@ -32,7 +32,7 @@ def save_hf(model, path, vocab_size=None):
     model.save_pretrained(path)
     (path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True, "sampling_rate": 16000}))
     if vocab_size:
-        Vocabulary(("<pad>", "<s>", "</s>", "<unk>", "|") + tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")[: vocab_size - 5]).save(
+        Vocabulary(("<pad>", "<s>", "</s>", "<unk>", "|") + tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ'")[: vocab_size - 5]).save(
             path / "vocab.json")
 
 

@@ -9,6 +9,7 @@ Decoding takes one of two paths, chosen once per file when it is opened:
 
 Channels are averaged to mono; integer PCM is scaled to [-1, 1) (no clipping is applied after
 resampling, so a full-scale signal may overshoot 1.0 by a little); soxr resamples (quality HQ).
+A native rate outside ``RATE_RANGE`` (1 kHz to 1 MHz) is taken for a corrupt header and refused.
 ``load_audio`` returns a whole file; ``stream_audio`` yields fixed-size blocks so that a long
 file never has to be in memory whole. Every problem with an input raises :class:`AudioError`
 whose message names the input and the problem.
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-import av
 import numpy as np
 import soundfile as sf
 import soxr
@@ -35,7 +35,8 @@ AUDIO_EXTENSIONS = frozenset(
     ".wav .flac .ogg .oga .opus .mp3 .m4a .aac .wma .aif .aiff .au .caf .w64 .amr .ac3 .mka "
     ".mp4 .m4v .mkv .webm .mov .avi .mpg .mpeg .ts .3gp .flv .wmv".split()
 )
-_READ_FRAMES = 1 << 16  # frames per libsndfile read while decoding
+_READ_SAMPLES = 1 << 16  # samples (frames x channels) per libsndfile read while decoding
+RATE_RANGE = (1000, 1_000_000)  # plausible native sample rates in Hz; others mean a corrupt header
 
 Source = str | BinaryIO
 
@@ -172,14 +173,26 @@ def _open_decoder(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]
         if hasattr(source, "seek"):
             source.seek(0)
         return _open_av(source, name)
+    try:
+        _check_rate(snd.samplerate, name)
+    except AudioError:
+        snd.close()
+        raise
     return snd.samplerate, _soundfile_chunks(snd, name)
+
+
+def _check_rate(rate: int, name: str) -> None:
+    """Refuse absurd header rates: 1 Hz would resample a 1 MB file to 30 GB."""
+    low, high = RATE_RANGE
+    if not low <= rate <= high:
+        raise _error(name, f"implausible sample rate {rate} Hz (expected {low} to {high}); the header may be corrupt")
 
 
 def _soundfile_chunks(snd: sf.SoundFile, name: str) -> Iterator[np.ndarray]:
     with snd:
         while True:
             try:
-                block = snd.read(_READ_FRAMES, dtype="float32", always_2d=True)
+                block = snd.read(max(1, _READ_SAMPLES // snd.channels), dtype="float32", always_2d=True)
             except (sf.SoundFileError, RuntimeError) as exc:
                 raise _error(name, f"cannot decode audio, the file may be corrupt ({_reason(exc)})") from None
             if len(block) == 0:
@@ -187,27 +200,56 @@ def _soundfile_chunks(snd: sf.SoundFile, name: str) -> Iterator[np.ndarray]:
             yield to_mono(block)
 
 
-def _open_av(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]:
+def _av():
+    """PyAV, imported on first use: only the ffmpeg path needs it (and where it is missing,
+    everything libsndfile reads still works)."""
     try:
-        container = av.open(source, mode="r")
-    except (av.error.FFmpegError, OSError) as exc:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is a hard dependency of the package
+        raise AudioError(f"PyAV (package 'av') is needed for this format: {exc}") from None
+    return av
+
+
+def _av_container(source: Source, name: str):
+    """An open PyAV input container (metadata that is not UTF-8 is tolerated, not fatal)."""
+    av = _av()
+    try:
+        return av.open(source, mode="r", metadata_errors="replace")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise _error(name, f"not an audio file, or truncated/corrupt ({_reason(exc)})") from None
+
+
+def _open_av(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]:
+    container = _av_container(source, name)
     if not container.streams.audio:
         container.close()
         raise _error(name, "not an audio file (no audio stream found)")
     stream = container.streams.audio[0]
+    if stream.codec_context is None:
+        container.close()
+        raise _error(name, "unsupported or corrupt audio stream (ffmpeg has no decoder for it)")
     rate = stream.codec_context.sample_rate or stream.rate
     if not rate:
         container.close()
         raise _error(name, "audio stream has no sample rate; the file may be corrupt")
+    try:
+        _check_rate(rate, name)
+    except AudioError:
+        container.close()
+        raise
     return rate, _av_chunks(container, stream, rate, name)
 
 
 def _av_chunks(container, stream, rate: int, name: str) -> Iterator[np.ndarray]:
+    av = _av()
     with container:
         try:
             for frame in container.decode(stream):
-                yield _frame_to_mono(frame, rate)
+                try:
+                    mono = _frame_to_mono(frame, rate)
+                except ValueError as exc:  # e.g. 64-bit integer samples, which numpy conversion refuses
+                    raise _error(name, f"unsupported audio sample format ({_reason(exc)})") from None
+                yield mono
         except (av.error.FFmpegError, OSError) as exc:
             raise _error(name, f"cannot decode audio, the file may be corrupt ({_reason(exc)})") from None
 
@@ -263,11 +305,15 @@ class AudioStream:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         rate, chunks = _open_decoder(self._source, self.name)
-        total = 0
-        for block in _rebatch(self._resampled(chunks, rate), self.block_size):
-            total += len(block)
-            yield block
-        if total == 0:
+        decoded = [0]  # samples at the file's own rate: a few may resample to none, like load_audio
+
+        def counted() -> Iterator[np.ndarray]:
+            for chunk in chunks:
+                decoded[0] += len(chunk)
+                yield chunk
+
+        yield from _rebatch(self._resampled(counted(), rate), self.block_size)
+        if decoded[0] == 0:
             raise _error(self.name, "contains no audio samples (zero length)")
 
     def _resampled(self, chunks: Iterator[np.ndarray], rate: int) -> Iterator[np.ndarray]:
@@ -315,11 +361,14 @@ def audio_duration(path: str | os.PathLike) -> float | None:
     _check_path(path)
     try:
         info = sf.info(path)
-        return info.frames / info.samplerate if info.frames > 0 else None
     except (sf.SoundFileError, RuntimeError, TypeError):
         pass
+    else:
+        _check_rate(info.samplerate, path)
+        return info.frames / info.samplerate if info.frames > 0 else None
+    av = _av()
     try:
-        with av.open(path, mode="r") as container:
+        with _av_container(path, path) as container:
             if not container.streams.audio:
                 raise _error(path, "not an audio file (no audio stream found)")
             stream = container.streams.audio[0]

@@ -10,22 +10,23 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import convert
 from .config import ModelConfig
-from .fileio import atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, verify_checksums
 from .model import Wav2Vec2, build_model
 from .vocab import Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.json",
              "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
+# Inside a training run directory, the model that stands for the run, in order of preference.
+RUN_DIR_MODELS = ("best", "checkpoint_last")
 # The letter dictionary of every LibriSpeech fine-tuned fairseq model (dict.ltr.txt), blank first.
 LIBRISPEECH_LETTERS = ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D",
                        "L", "U", "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z")
@@ -39,6 +40,8 @@ class CheckpointError(ValueError):
 def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                with_quantizer: bool | None = None) -> Wav2Vec2:
     """Load a model from a local Hugging Face-layout directory (ours too), a Hub id, or a fairseq ``.pt``.
+
+    A training run directory loads its ``best/`` model, else its newest checkpoint.
 
     ``source=None`` or ``"default"`` loads the default model embedded in the package. The model is
     returned in eval mode. ``with_quantizer=False`` drops pretraining modules when present.
@@ -73,7 +76,7 @@ def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike) -> Path:
     # Wav2Vec2Model's own keys carry no prefix; the heads' models nest it under "wav2vec2."
     hf_state = state if arch == "Wav2Vec2Model" else convert.ours_to_hf(state)
     pad = model.vocab.blank_index if model.vocab is not None else 0
-    _atomic(out / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
+    atomic_write_bytes(out / "model.safetensors", save(hf_state, metadata={"format": "pt"}))
     _write_json(out / "config.json", convert.config_to_hf(cfg, arch, pad_token_id=pad))
     _write_json(out / "preprocessor_config.json", {
         "do_normalize": cfg.do_normalize, "feature_extractor_type": "Wav2Vec2FeatureExtractor",
@@ -103,10 +106,22 @@ def _resolve(source) -> Path:
         return DEFAULT_MODEL_DIR
     path = Path(source).expanduser()
     if path.exists():
-        return path
+        return _run_dir_model(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
         return _download(str(source))
     raise CheckpointError(f"{source}: no such file or directory (and not a Hugging Face id like org/name)")
+
+
+def _run_dir_model(path: Path) -> Path:
+    """A training run directory (no config.json of its own) stands for its ``best/`` model when it
+    has one (fine-tuning keeps the lowest validation WER there), else its newest checkpoint."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return path
+    for name in RUN_DIR_MODELS:
+        if (path / name / "config.json").exists():
+            return (path / name).resolve()
+    numbered = sorted(p for p in path.glob("checkpoint_[0-9]*") if (p / "config.json").exists())
+    return numbered[-1] if numbered else path
 
 
 def _download(repo_id: str) -> Path:
@@ -149,6 +164,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     st = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     binf = path / "pytorch_model.bin"
+    try:  # a training checkpoint records the SHA-256 of its files
+        verify_checksums(path, names=["config.json", st.name, index.name, binf.name])
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     try:
         if st.exists():
             return load_file(str(st))
@@ -243,17 +262,5 @@ def _fairseq_vocab(path: Path, size: int) -> Vocabulary:
 
 
 # --------------------------------------------------------------------------- atomic writes
-def _atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then move into place, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -8,7 +8,11 @@ Field names follow Hugging Face's ``Wav2Vec2Config`` so that a ``config.json`` m
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -174,3 +178,95 @@ def preset(name: str, **overrides) -> ModelConfig:
         return PRESETS[name](**overrides)
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------- checking options
+MAX_LISTED = 50  # problems shown in one error message
+
+
+class ConfigError(ValueError):
+    """Everything wrong with a run's options (or data listing), found before it starts.
+
+    ``problems`` holds one line per problem; the message lists them all (one line when there is one)."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(format_problems(self.problems))
+
+
+def format_problems(problems: Sequence[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    shown = [f"  {p}" for p in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        shown.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    return f"{len(problems)} problems:\n" + "\n".join(shown)
+
+
+def check_fields(cls, values: object, where: str) -> list[str]:
+    """Problems with ``values`` as keyword arguments of the dataclass ``cls``, checked against its
+    field annotations: unknown names (with the closest known one) and values of the wrong type.
+    Each problem starts with ``where`` (a config section such as ``train``)."""
+    if not isinstance(values, dict):
+        return [f"{where}: expected an object of {cls.__name__} options, got {values!r}"]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(k for k in values if k not in names)
+    problems = []
+    if unknown:
+        hints_for = [difflib.get_close_matches(str(k), names, n=1) for k in unknown]
+        guesses = [f"{k} -> {g[0]}" for k, g in zip(unknown, hints_for) if g]
+        problems.append(f"{where}: unknown {cls.__name__} options {unknown}"
+                        + (f" (did you mean: {', '.join(guesses)}?)" if guesses else ""))
+    for key, value in values.items():
+        if key in names and not _fits(value, hints[key]):
+            problems.append(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
+    return problems
+
+
+def valid_fields(cls, values: object) -> dict:
+    """The items of ``values`` that :func:`check_fields` finds no fault with."""
+    if not isinstance(values, dict):
+        return {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names and _fits(v, hints[k])}
+
+
+def _fits(value: object, hint) -> bool:
+    """Whether a JSON-like ``value`` fits the annotation ``hint`` (bool, int, float, str,
+    tuples and lists of them, unions with None); other annotations are not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, h) for v, h in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    return True
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in args)
+    simple = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in simple:
+        return simple[hint]
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_describe(h) for h in args)})"
+        return f"a list of ({_describe(args[0])})" if args else "a list"
+    return str(hint)

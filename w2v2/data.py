@@ -1,7 +1,8 @@
 """Training data: manifests and audio folders -> entries -> cropped waveforms -> padded batches.
 
     inputs (manifest .tsv files, folders of audio, audio files)
-      -> list_entries          -> [Entry(path, seconds, speaker, text)]
+      -> list_entries          -> [Entry(path, seconds, speaker, text)]; every bad line of every
+                                  manifest raises one ManifestError that lists them all
       -> validate_entries      -> (good, bad): every file checked up front, bad ones listed and skipped
       -> AudioDataset          -> {"index", "wav" (samples,), "text", "speaker"} decoded in DataLoader workers
       -> BucketBatchSampler    -> lists of (index, epoch) keys: batches of similar lengths filling
@@ -38,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .audio import SAMPLE_RATE, AudioError, audio_duration, list_audio_files, load_audio
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,48 +59,106 @@ class Entry:
 # ---------------------------------------------------------------------------- listing
 
 
-def read_manifest(path: str | os.PathLike) -> list[Entry]:
+class ManifestError(ConfigError):
+    """Problems with training inputs (manifests, folders), all found before training: ``problems``
+    lists them one per line, ``<manifest>:<line>: <problem>``."""
+
+
+def read_manifest(path: str | os.PathLike, require_text: bool = False) -> list[Entry]:
     """A tab-separated manifest with a header naming at least ``path`` (relative to the manifest's
-    folder, or absolute); optional columns ``seconds``, ``speaker``, ``text``."""
-    path = Path(path)
-    root = path.parent
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ValueError(f"{path}: a manifest needs a tab-separated header with a 'path' column "
-                             f"(got {reader.fieldnames}); expected e.g. 'path<TAB>seconds<TAB>speaker<TAB>text'")
-        entries = []
-        for line, row in enumerate(reader, start=2):
-            if not row.get("path"):
-                raise ValueError(f"{path}:{line}: empty path")
-            seconds = row.get("seconds")
-            try:
-                seconds = float(seconds) if seconds not in (None, "") else None
-            except ValueError:
-                raise ValueError(f"{path}:{line}: seconds must be a number, got {seconds!r}") from None
-            entries.append(Entry(path=str(root / row["path"]), seconds=seconds,
-                                 speaker=row.get("speaker") or None, text=row.get("text")))
+    folder, or absolute); optional columns ``seconds``, ``speaker``, ``text`` (required when
+    ``require_text``). Raises :class:`ManifestError` listing every bad line, not just the first."""
+    entries, problems = _read_manifest(Path(path), require_text)
+    if problems:
+        raise ManifestError(problems)
     return entries
 
 
-def list_entries(inputs: Sequence[str | os.PathLike]) -> list[Entry]:
-    """Manifests (``*.tsv``), folders (searched recursively for audio; a folder holding a
-    ``manifest.tsv`` uses it, so its transcripts come along) and single audio files -> entries."""
+def _read_manifest(path: Path, require_text: bool) -> tuple[list[Entry], list[str]]:
     entries: list[Entry] = []
+    problems: list[str] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = reader.fieldnames
+            if header is None or "path" not in header:
+                return [], [f"{path}: a manifest needs a tab-separated header with a 'path' column "
+                            f"(got {header}); expected e.g. 'path<TAB>seconds<TAB>speaker<TAB>text'"]
+            if len(set(header)) < len(header):
+                problems.append(f"{path}:1: repeated column names in the header {header}")
+            if require_text and "text" not in header:
+                problems.append(f"{path}: no 'text' column; transcripts are needed here "
+                                "(header e.g. 'path<TAB>seconds<TAB>speaker<TAB>text')")
+            for row in reader:
+                problem = _row_problem(row, len(header))
+                if problem:
+                    problems.append(f"{path}:{reader.line_num}: {problem}")
+                    continue
+                seconds = float(row["seconds"]) if row.get("seconds") else None
+                entries.append(Entry(path=str(path.parent / row["path"]), seconds=seconds,
+                                     speaker=row.get("speaker") or None, text=row.get("text")))
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is it really a manifest?")
+    except OSError as e:
+        problems.append(f"{path}: cannot read ({e.strerror or e})")
+    except csv.Error as e:
+        problems.append(f"{path}: not a tab-separated manifest ({e})")
+    return entries, problems
+
+
+def _row_problem(row: dict, columns: int) -> str | None:
+    """What is wrong with one manifest row (from ``csv.DictReader``), or None."""
+    extra, missing = row.get(None), [k for k, v in row.items() if k is not None and v is None]
+    if extra or missing:
+        got = columns + len(extra or []) - len(missing)
+        return f"{got} tab-separated fields, the header has {columns}"
+    if not row["path"]:
+        return "empty path"
+    seconds = row.get("seconds")
+    if seconds:
+        try:
+            value = float(seconds)
+        except ValueError:
+            return f"seconds must be a number, got {seconds!r}"
+        if not math.isfinite(value) or value < 0:
+            return f"seconds must be a non-negative number, got {seconds!r}"
+    return None
+
+
+def list_entries(inputs: Sequence[str | os.PathLike], require_text: bool = False) -> list[Entry]:
+    """Manifests (``*.tsv``), folders (searched recursively for audio; a folder holding a
+    ``manifest.tsv`` uses it, so its transcripts come along) and single audio files -> entries.
+
+    ``require_text``: every input must be a manifest with a ``text`` column. Raises
+    :class:`ManifestError` listing every problem of every input."""
+    entries: list[Entry] = []
+    problems: list[str] = []
     for item in map(str, inputs):
+        manifest = None
         if item.endswith(MANIFEST_SUFFIXES):
             if not os.path.isfile(item):
-                raise FileNotFoundError(f"{item}: no such manifest")
-            entries.extend(read_manifest(item))
+                problems.append(f"{item}: no such manifest")
+                continue
+            manifest = item
         elif os.path.isdir(item) and os.path.isfile(os.path.join(item, "manifest.tsv")):
-            entries.extend(read_manifest(os.path.join(item, "manifest.tsv")))
+            manifest = os.path.join(item, "manifest.tsv")
+        elif require_text:
+            problems.append(f"{item}: not a manifest with transcripts (a .tsv file with 'path' and 'text' columns, "
+                            "or a folder holding one as manifest.tsv)")
+            continue
+        if manifest is not None:
+            found, bad = _read_manifest(Path(manifest), require_text)
+            entries.extend(found)
+            problems.extend(bad)
         elif os.path.isdir(item):
             found = list_audio_files([item])
             if not found:
-                raise FileNotFoundError(f"{item}: no audio files found in this folder")
+                problems.append(f"{item}: no audio files found in this folder")
             entries.extend(Entry(path=p) for p in found)
         else:
             entries.append(Entry(path=item))
+    if problems:
+        raise ManifestError(problems)
     return entries
 
 

@@ -4,12 +4,17 @@ The data goes to a temporary file in the target's directory, is flushed and fsyn
 ``os.replace`` puts it in place. If anything fails before that, the temporary file is removed
 and the target is untouched. Used by the output writers and by training checkpoints
 (``with atomic_open(path, "wb") as f: torch.save(state, f)``).
+
+Checksums: ``write_checksums(dir)`` records the SHA-256 of a directory's files in
+``checksums.json``; ``verify_checksums(dir)`` finds a file that was truncated or changed since.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -75,3 +80,46 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     """Write ``text`` to ``path`` atomically (newlines written as given, not translated)."""
     with atomic_open(path, "w", encoding=encoding) as f:
         f.write(text)
+
+
+# ---------------------------------------------------------------------------- checksums
+CHECKSUMS = "checksums.json"  # {"sha256": {file name: hex digest}} for the files beside it
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | os.PathLike) -> None:
+    """Record the SHA-256 of every file in ``directory`` in ``checksums.json`` (safetensors and
+    ``torch.save`` files carry no checksum of their data: a flipped bit would load silently)."""
+    directory = Path(directory)
+    sums = {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    with atomic_open(directory / CHECKSUMS) as f:
+        json.dump({"sha256": sums}, f, indent=2)
+
+
+def verify_checksums(directory: str | os.PathLike, names: list[str] | None = None) -> None:
+    """Check the files ``checksums.json`` lists (only ``names`` among them, if given) against their
+    recorded SHA-256; ``ValueError`` naming the first missing or changed file. No checksum file:
+    nothing to check."""
+    directory = Path(directory)
+    if not (directory / CHECKSUMS).exists():
+        return
+    try:
+        sums = json.loads((directory / CHECKSUMS).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{directory / CHECKSUMS}: unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(sums, dict):
+        raise ValueError(f"{directory / CHECKSUMS}: unreadable (no file table)")
+    for name, digest in sums.items():
+        if names is not None and name not in names:
+            continue
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory / name}: missing (listed in {CHECKSUMS})")
+        if sha256(directory / name) != digest:
+            raise ValueError(f"{directory / name}: corrupted (its SHA-256 differs from the one recorded when it was saved)")

@@ -6,17 +6,24 @@
       -> Encoder                 -> C  (batch, frames, hidden)
       -> lm_head (CTC models)    -> logits (batch, frames, vocab)
     and for pretraining Z -> GumbelQuantizer -> Q, with project_hid(C) and project_q(Q).
+
+Precision: ``model.set_precision("fp32" | "bf16" | "auto")`` (default ``"fp32"``). In bf16 the
+model computes on cached bfloat16 copies of its float32 parameters; outputs are float32 either way.
+``model.infer(...)`` is ``forward`` for inference: eval mode, no autograd bookkeeping.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from . import precision as _precision
 from .config import ModelConfig
-from .modules import Encoder, FeatureEncoder, FeatureProjection, GumbelQuantizer, lengths_to_mask
+from .kernels import Dropout, clear_cache
+from .modules import Encoder, FeatureEncoder, FeatureProjection, GumbelQuantizer, lengths_to_mask, project
 from .vocab import Vocabulary
 
 
@@ -24,7 +31,7 @@ from .vocab import Vocabulary
 class ModelOutput:
     lengths: Tensor  # (batch,) valid frames per item
     last_hidden_state: Tensor  # C: (batch, frames, hidden)
-    logits: Tensor | None = None  # (batch, frames, vocab) for CTC models
+    logits: Tensor | None = None  # (batch, frames, vocab) for CTC models; float32
     hidden_states: list[Tensor] | None = None  # [encoder input, layer 1, ..., layer N], each (batch, frames, hidden)
     extract_features: Tensor | None = None  # layer-normed Z: (batch, frames, conv_dim)
 
@@ -69,9 +76,26 @@ class Wav2Vec2(nn.Module):
             self.quantizer = GumbelQuantizer(cfg)
             self.project_hid = nn.Linear(cfg.hidden_size, cfg.proj_codevector_dim)
             self.project_q = nn.Linear(cfg.codevector_dim, cfg.proj_codevector_dim)
-        self.final_dropout = nn.Dropout(cfg.final_dropout)
+        self.final_dropout = Dropout(cfg.final_dropout)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size) if cfg.vocab_size else None
         self.feature_grad_scale = 1.0  # set by training (0.1 for pretraining, 0 freezes)
+        self.precision = "fp32"  # see set_precision
+
+    # ------------------------------------------------------------------ precision
+    def set_precision(self, precision: str) -> "Wav2Vec2":
+        """Compute in ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware multiplies it
+        natively: CUDA, or CPUs with AMX-BF16/AVX512-BF16). Parameters stay float32."""
+        self.precision = _precision.check_precision(precision)
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _precision.resolve(self.precision, self.device)
+
+    def clear_cache(self) -> "Wav2Vec2":
+        """Free derived weights kept for fast inference (bf16 copies, stacked q/k/v); rebuilt on demand."""
+        clear_cache(self)
+        return self
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -115,14 +139,17 @@ class Wav2Vec2(nn.Module):
             return None  # nothing is padded: take the fast path
         return lengths
 
-    def extract(self, wav: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """X -> (Z raw (batch, frames, conv_dim), frame lengths, frame mask or None)."""
+    def extract(self, wav: Tensor, lengths: Tensor | None,
+                dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """X -> (Z raw (batch, frames, conv_dim) in ``dtype``, frame lengths, frame mask or None)."""
         lengths = self._check_input(wav, lengths)
         x = self.normalize(wav, lengths)
-        z = self.feature_extractor(x, lengths)
-        if self.feature_grad_scale != 1.0 and self.training:
-            z = GradScale.apply(z, self.feature_grad_scale) if self.feature_grad_scale > 0 else z.detach()
-        z = z.transpose(1, 2)  # (batch, frames, conv_dim)
+        frozen = self.training and self.feature_grad_scale == 0
+        with torch.no_grad() if frozen else contextlib.nullcontext():  # frozen: the lean no-grad path
+            z = self.feature_extractor(x, lengths, dtype=dtype)
+        if self.feature_grad_scale not in (0.0, 1.0) and self.training:
+            z = GradScale.apply(z, self.feature_grad_scale)
+        z = z.transpose(1, 2)  # (batch, frames, conv_dim), contiguous
         frames = z.shape[1]
         if lengths is None:
             flen = torch.full((wav.shape[0],), frames, dtype=torch.long, device=wav.device)
@@ -132,23 +159,43 @@ class Wav2Vec2(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None, *,
-                mask_time_indices: Tensor | None = None, output_hidden_states: bool = False,
-                num_layers: int | None = None) -> ModelOutput:
+                mask_time_indices: Tensor | None = None, mask_channel_indices: Tensor | None = None,
+                output_hidden_states: bool = False, num_layers: int | None = None) -> ModelOutput:
         """waveforms: float (batch, samples) at 16 kHz, zero-padded; lengths: (batch,) valid samples.
 
         ``mask_time_indices`` (batch, frames) bool replaces those frames by the mask embedding
-        (SpecAugment-style time masking in fine-tuning). ``num_layers`` runs only the first N
-        Transformer layers (features for downstream tasks)."""
-        z, flen, fmask = self.extract(waveforms, lengths)
+        and ``mask_channel_indices`` (batch, hidden) bool zeroes those channels of every frame
+        (SpecAugment-style masking in fine-tuning; both act on the projected features, the
+        Transformer's input, as in fairseq and Hugging Face). ``num_layers`` runs only the
+        first N Transformer layers (features for downstream tasks)."""
+        dtype = self.compute_dtype
+        z, flen, fmask = self.extract(waveforms, lengths, dtype)
         x, normed = self.feature_projection(z)
         if mask_time_indices is not None:
             x = torch.where(mask_time_indices[..., None], self.masked_spec_embed.to(x.dtype), x)
-        c, hidden = self.encoder(x, fmask, num_layers=num_layers)
+        if mask_channel_indices is not None:
+            if mask_channel_indices.shape != (x.shape[0], x.shape[2]):
+                raise ValueError(f"mask_channel_indices must be (batch, hidden) = {(x.shape[0], x.shape[2])}, "
+                                 f"got {tuple(mask_channel_indices.shape)}")
+            x = x.masked_fill(mask_channel_indices[:, None, :], 0.0)
+        c, hidden = self.encoder(x, fmask, num_layers=num_layers, output_hidden_states=output_hidden_states)
         logits = None
         if self.lm_head is not None and num_layers is None:
-            logits = self.lm_head(self.final_dropout(c))
-        return ModelOutput(lengths=flen, last_hidden_state=c, logits=logits,
-                           hidden_states=hidden if output_hidden_states else None, extract_features=normed)
+            logits = project(self.lm_head, self.final_dropout(c)).float()
+        if hidden is not None:
+            hidden = [h.float() for h in hidden]
+        return ModelOutput(lengths=flen, last_hidden_state=c.float(), logits=logits,
+                           hidden_states=hidden, extract_features=normed.float())
+
+    def infer(self, waveforms: Tensor, lengths: Tensor | None = None, **kwargs) -> ModelOutput:
+        """:meth:`forward` for inference: in eval mode and ``torch.inference_mode`` (restores the mode after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return self(waveforms, lengths, **kwargs)
+        finally:
+            self.train(was_training)
 
     # ------------------------------------------------------------------ pretraining
     def forward_pretraining(self, waveforms: Tensor, lengths: Tensor | None,
@@ -156,7 +203,7 @@ class Wav2Vec2(nn.Module):
         """Context and quantized targets for every frame; the loss picks the masked ones."""
         if self.quantizer is None:
             raise ValueError("this model has no quantizer: build it with with_quantizer=True to pretrain")
-        z, flen, fmask = self.extract(waveforms, lengths)
+        z, flen, fmask = self.extract(waveforms, lengths, self.compute_dtype)
         valid = fmask if fmask is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
         features_pen = z.float().pow(2)[valid].mean()
         x, normed = self.feature_projection(z)
@@ -165,8 +212,8 @@ class Wav2Vec2(nn.Module):
         q, probs, idx = self.quantizer(normed)
         return PretrainingOutput(
             lengths=flen,
-            projected_context=self.project_hid(c),
-            projected_quantized=self.project_q(q.to(self.project_q.weight.dtype)),
+            projected_context=project(self.project_hid, c).float(),
+            projected_quantized=project(self.project_q, q.to(c.dtype)).float(),
             code_probs=probs,
             code_indices=idx,
             features_pen=features_pen,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import config as model_presets
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig, check_fields, valid_fields
 from .losses import codebook_perplexity, contrastive_logits, pretraining_loss
 from .masking import compute_mask_indices, gather_masked, gather_negatives, sample_negatives
 from .model import Wav2Vec2
@@ -51,6 +51,16 @@ class PretrainConfig:
     gumbel_start: float = 2.0
     gumbel_end: float = 0.5
     gumbel_decay: float = 0.999995  # per update
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must lie in [0, 1], got {v}" for name, v in (("mask_prob", self.mask_prob),)
+                    if not 0 <= v <= 1]
+        if self.mask_length < 1 or self.num_negatives < 1 or self.min_masks < 0:
+            problems.append("mask_length and num_negatives must be >= 1, min_masks >= 0")
+        if self.logit_temp <= 0 or not 0 < self.gumbel_end <= self.gumbel_start or not 0 < self.gumbel_decay <= 1:
+            problems.append("logit_temp must be positive, 0 < gumbel_end <= gumbel_start, 0 < gumbel_decay <= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def gumbel_temperature(step: int, cfg: PretrainConfig) -> float:
@@ -145,6 +155,11 @@ class DataConfig:
     num_workers: int = 4
     inputs: list[str] = field(default_factory=list)  # the DATA the run was started with (a record, for plots)
 
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1 or self.max_samples < 1 or self.min_samples < 0 or self.num_workers < 0:
+            raise ValueError("max_tokens and max_samples must be >= 1, min_samples and num_workers >= 0; got "
+                             f"{self.max_tokens}, {self.max_samples}, {self.min_samples}, {self.num_workers}")
+
 
 @dataclass
 class Recipe:
@@ -187,41 +202,62 @@ def _recipe_overrides(name: str) -> dict:
     raise ValueError(f"unknown preset {name!r}; choose one of tiny, small, base, large")
 
 
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "loss": PretrainConfig, "data": DataConfig}
+
+
 def recipe(name: str = "base", overrides: dict | None = None) -> Recipe:
     """The preset ``name`` with ``overrides`` (a dict with optional ``model``, ``train``, ``loss``,
-    ``data`` sections) applied on top."""
-    parts = _recipe_overrides(name)
+    ``data`` sections) applied on top. Raises :class:`w2v2.config.ConfigError` listing every
+    problem (unknown sections and options, wrong types, values out of range)."""
+    problems = []
+    try:
+        parts = _recipe_overrides(name)
+    except ValueError as e:
+        problems.append(str(e))
+        parts, name = {}, "base"
     for section, values in (overrides or {}).items():
         if section == "preset":
             continue
-        if section not in ("model", "train", "loss", "data"):
-            raise ValueError(f"unknown section {section!r} in the pretraining config; use model, train, loss, data")
-        parts[section] = {**parts.get(section, {}), **values}
-    model_cfg = model_presets.preset(name).replace(**parts.get("model", {})) if "model" in parts \
-        else model_presets.preset(name)
-    return Recipe(model=model_cfg, train=TrainConfig.from_dict(parts.get("train", {})),
-                  loss=_build(PretrainConfig, parts.get("loss", {})), data=_build(DataConfig, parts.get("data", {})),
-                  preset=name)
+        if section not in SECTIONS:
+            problems.append(f"unknown section {section!r} in the pretraining config; use model, train, loss, data")
+            continue
+        problems += check_fields(SECTIONS[section], values, section)
+        # the valid options still go in, so that range checks below see them too
+        parts[section] = {**parts.get(section, {}), **valid_fields(SECTIONS[section], values)}
+    built = {}
+    for section, cls in SECTIONS.items():
+        try:
+            if section == "model":
+                built[section] = model_presets.preset(name).replace(**parts.get("model", {}))
+            else:
+                built[section] = cls(**parts.get(section, {}))
+        except (ValueError, TypeError) as e:
+            problems.append(f"{section}: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return Recipe(model=built["model"], train=built["train"], loss=built["loss"], data=built["data"], preset=name)
 
 
-def _build(cls, values: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} options {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**values)
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; :class:`w2v2.config.ConfigError` naming the file when it is not one."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such config file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read ({getattr(e, 'strerror', None) or e})"]) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}"]) from None
+    if not isinstance(d, dict):
+        raise ConfigError([f"{path}: expected a JSON object with sections model/train/loss/data"])
+    return d
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """A JSON file ``{"preset": "small", "model": {...}, "train": {...}, "loss": {...}, "data": {...}}``
     (every section optional; a file written by :meth:`Recipe.to_dict` loads back unchanged)."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object with sections model/train/loss/data")
+    d = read_config_file(path)
     return recipe(d.get("preset", "base"), d)
 
 

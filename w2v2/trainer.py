@@ -20,9 +20,13 @@ optimizer untouched); else clip, AdamW step, next learning rate (:func:`get_lr`,
 function of the update number).
 
 The run directory (``train_config.json``, ``metrics.jsonl``/``.csv`` with one row per update,
-atomic ``checkpoint_NNNNNNN/`` directories and the ``checkpoint_last`` link) is :mod:`w2v2.runs`.
-Launched by ``torchrun``, the trainer joins the process group (gloo on CPU, nccl on GPU), wraps
-the model in DistributedDataParallel and lets rank 0 alone write.
+``checkpoint_NNNNNNN/`` directories -- the model via ``save_pretrained`` plus ``trainer_state.pt``
+and ``checksums.json``, the SHA-256 of both -- and the ``checkpoint_last`` link) is
+:mod:`w2v2.runs`. A checkpoint is written in a temporary directory and renamed into place, so a
+crash never leaves a partial one; a damaged one (disk error, truncation) is detected on resume
+and the previous one used instead (:meth:`Trainer.resume_latest`). Launched by ``torchrun``, the
+trainer joins the process group (gloo on CPU, nccl on GPU), wraps the model in
+DistributedDataParallel and lets rank 0 alone write.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -44,8 +49,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .fileio import atomic_open
-from .runs import (STATE_FILE, MetricLog, checkpoint_dirs, last_checkpoint, read_checkpoint,  # noqa: F401
-                   read_metrics, rng_state, seed_everything, set_rng_state, write_checkpoint)
+from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, checkpoint_dirs, last_checkpoint,  # noqa: F401
+                   read_checkpoint, read_metrics, rng_state, seed_everything, set_rng_state, write_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,10 @@ class TrainConfig:
     max_updates: int = 400_000
     max_epochs: int | None = None
     max_minutes: float | None = None  # stop (and save) after this much training time (per invocation)
+    # "updates": the schedule runs over max_updates; "time": over max_minutes of training time
+    # (the whole run's, kept across resumes), for "train for 8 minutes" budgets whose update
+    # count is not known in advance. Time-driven runs are not bit-reproducible (wall clock).
+    schedule_clock: str = "updates"
     accum_steps: int = 1  # micro-batches per update and rank (fairseq update_freq)
     clip_norm: float = 0.0  # 0: no clipping (the norm is still measured and logged)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -88,12 +97,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.tri_stage_ratios = tuple(self.tri_stage_ratios)
         self.betas = tuple(self.betas)
+        problems = []  # all of them at once
         if self.schedule not in ("polynomial", "tri_stage", "constant"):
-            raise ValueError(f"schedule must be polynomial, tri_stage or constant, got {self.schedule!r}")
+            problems.append(f"schedule must be polynomial, tri_stage or constant, got {self.schedule!r}")
+        if self.schedule_clock not in ("updates", "time"):
+            problems.append(f"schedule_clock must be updates or time, got {self.schedule_clock!r}")
+        if self.schedule_clock == "time" and not self.max_minutes:
+            problems.append("schedule_clock time needs max_minutes (the time the schedule runs over)")
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+            problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.accum_steps < 1 or self.max_updates < 0:
-            raise ValueError("accum_steps must be >= 1 and max_updates >= 0")
+            problems.append("accum_steps must be >= 1 and max_updates >= 0")
+        if self.save_interval < 1 or self.log_interval < 1:
+            problems.append(f"save_interval and log_interval must be >= 1, got {self.save_interval} and "
+                            f"{self.log_interval}")
+        if self.lr < 0 or self.warmup_updates < 0 or self.keep_last < 0 or self.clip_norm < 0:
+            problems.append("lr, warmup_updates, keep_last and clip_norm must not be negative")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            problems.append(f"max_epochs must be >= 1 (or null), got {self.max_epochs}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -250,6 +273,9 @@ class Trainer:
         self._stop_local = False  # this rank wants to stop (signal, time limit)
         self._stop_agreed = False  # every rank stops after this update
         self._started = time.monotonic()
+        self.train_seconds = 0.0  # training time of the whole run (resumes included)
+        self._train_seconds_at_start = 0.0
+        self._resumed_from: Path | None = None
         self._iter = None
         self._metrics: MetricLog | None = None
         if self.info.is_main:
@@ -331,7 +357,7 @@ class Trainer:
         """One update: micro-batches, backward, (skip | clip + step), next learning rate."""
         if hasattr(self.loss_fn, "set_step"):
             self.loss_fn.set_step(self.step)
-        lr = get_lr(self.step, self.cfg)
+        lr = get_lr(self._schedule_step(), self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.module.train()
@@ -371,36 +397,91 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                  "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng_state(), "train_config": self.cfg.to_dict(),
-                 "extra": json.dumps(self.extra_state)}
+                 "extra": json.dumps(self.extra_state), "train_seconds": self._elapsed_total()}
         if hasattr(self.loss_fn, "state_dict"):
             state["loss_fn"] = self.loss_fn.state_dict()
         return state
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint_<step>`` atomically (temp dir, fsync, rename), repoint
-        ``checkpoint_last``, drop the oldest beyond ``keep_last``. Rank 0 only."""
+        """Write ``checkpoint_<step>`` atomically (temp dir, checksums, fsync, rename), repoint
+        ``checkpoint_last``, drop the oldest beyond ``keep_last`` (:func:`w2v2.runs.write_checkpoint`).
+        Rank 0 only."""
         if not self.info.is_main:
             return None
-        path = write_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), self.cfg.keep_last)
-        log.info("saved %s", path)
-        return path
+        return write_checkpoint(self.run_dir, self.step, self.model, self.state_dict, self.cfg.keep_last,
+                                resumed_from=self._resumed_from)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore weights, optimizer, scaler, RNG states and data position (every rank)."""
+        """Restore weights, optimizer, scaler, RNG states and data position (every rank).
+        A missing, truncated or corrupted file raises :class:`w2v2.checkpoint.CheckpointError`."""
         path = Path(path)
-        state = read_checkpoint(path, self.model)
+        self._restore(path, *read_checkpoint(path, self.model))
+
+    def _restore(self, path: Path, state: dict, weights: dict[str, Tensor]) -> None:
+        from .checkpoint import CheckpointError
+
+        try:
+            self.model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:  # another architecture: a user error, not a damaged file
+            raise CheckpointError(f"{path}: holds weights of a different model than this run's "
+                                  f"({str(e).splitlines()[0]}); resume with the run's own configuration") from e
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped = state["batches_in_epoch"], state["skipped"]
         self.extra_state = json.loads(state.get("extra", "{}"))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if "loss_fn" in state and hasattr(self.loss_fn, "load_state_dict"):
             self.loss_fn.load_state_dict(state["loss_fn"])
         set_rng_state(state["rng"])
         self._iter = None
+        self._resumed_from = path
         log.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.step, self.epoch,
                  self.batches_in_epoch)
+
+    def resume_latest(self) -> Path | None:
+        """Restore the newest intact checkpoint of the run directory (None when there is none).
+
+        A damaged newest checkpoint (missing, truncated or corrupted file) is not fatal: a warning
+        names it, it is renamed ``<name>.corrupt`` (kept for inspection, never used or deleted
+        again) and the previous one is used; resuming from it is just as exact, only earlier.
+        If every checkpoint is damaged, :class:`w2v2.checkpoint.CheckpointError` lists them."""
+        from .checkpoint import CheckpointError
+
+        newest = last_checkpoint(self.run_dir)
+        candidates = [newest] if newest is not None else []
+        candidates += [p for p in reversed(checkpoint_dirs(self.run_dir)) if p not in candidates]
+        damaged: list[tuple[Path, CheckpointError]] = []
+        for path in candidates:
+            try:
+                state, weights = read_checkpoint(path, self.model)
+            except CheckpointError as e:
+                log.warning("checkpoint %s is damaged: %s", path.name, e)
+                damaged.append((path, e))
+                continue
+            self._restore(path, state, weights)
+            for bad, _ in damaged:
+                if self.info.is_main:
+                    aside = bad.with_name(f"{bad.name}.corrupt")
+                    if aside.exists():
+                        aside = bad.with_name(f"{bad.name}.corrupt-{time.time_ns()}")
+                    os.replace(bad, aside)
+                    log.warning("resumed from the earlier %s instead; the damaged one is now %s",
+                                path.name, aside.name)
+            return path
+        if damaged:
+            raise CheckpointError(f"{self.run_dir}: no intact checkpoint to resume from; "
+                                  + "; ".join(str(e) for _, e in damaged))
+        return None
+
+    def _remove_stale_files(self) -> None:
+        """Temporary checkpoint directories and links left by a run that was killed mid-save."""
+        for p in self.run_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+            if p.is_symlink() or p.is_file():
+                p.unlink(missing_ok=True)
+            elif p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
@@ -429,19 +510,24 @@ class Trainer:
         ``resume``: True continues from ``run_dir/checkpoint_last`` when there is one (else a
         fresh start), a path continues from that checkpoint directory."""
         seed_everything(self.cfg.seed)
+        if self.info.is_main:
+            self._remove_stale_files()
         ckpt = None
         if resume:
-            ckpt = Path(resume) if not isinstance(resume, bool) else last_checkpoint(self.run_dir)
+            if isinstance(resume, bool):
+                ckpt = self.resume_latest()
+            else:
+                ckpt = Path(resume)
+                self.load_checkpoint(ckpt)
             if ckpt is None:
                 log.info("no checkpoint in %s: starting from scratch", self.run_dir)
-            else:
-                self.load_checkpoint(ckpt)
         if self.info.is_main:
             with atomic_open(self.run_dir / "train_config.json") as f:
                 json.dump(self.cfg.to_dict(), f, indent=2)
             self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
         bar = self._progress_bar()
         self._started = time.monotonic()
+        self._train_seconds_at_start = self.train_seconds
         stopped_early = False
         try:
             with self._signals():
@@ -459,6 +545,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        for hook in self.hooks:  # e.g. a last validation, whose outcome the final checkpoint records
+            if hasattr(hook, "at_end"):
+                hook.at_end(self)
         path = self.save_checkpoint()
         if self._metrics is not None:
             self._metrics.close()
@@ -466,7 +555,28 @@ class Trainer:
         return {"step": self.step, "stopped_early": stopped_early, "checkpoint": path}
 
     def _time_is_up(self) -> bool:
+        if self.cfg.schedule_clock == "time":
+            return self._time_schedule_done()
         return self.cfg.max_minutes is not None and time.monotonic() - self._started > 60 * self.cfg.max_minutes
+
+    def _elapsed_total(self) -> float:
+        """Training seconds of the whole run so far (earlier invocations included)."""
+        return self._train_seconds_at_start + time.monotonic() - self._started
+
+    def _time_schedule_done(self) -> bool:
+        return self.cfg.schedule_clock == "time" and self._elapsed_total() >= 60 * self.cfg.max_minutes
+
+    def _schedule_step(self) -> int:
+        """The step the learning-rate schedule is at: the update count, or with the time clock the
+        same fraction of ``max_updates`` as the fraction of ``max_minutes`` spent."""
+        if self.cfg.schedule_clock != "time":
+            return self.step
+        fraction = min(1.0, self._elapsed_total() / (60 * self.cfg.max_minutes))
+        if self.info.world_size > 1:  # every rank must use rank 0's learning rate
+            t = torch.tensor([fraction], dtype=torch.float64, device=self.device)
+            dist.broadcast(t, src=0)
+            fraction = float(t)
+        return int(fraction * self.cfg.max_updates)
 
     def _after_update(self, row: dict, bar) -> None:
         if self.info.is_main:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -25,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("overrides (win over preset and config)")
     g.add_argument("--max-updates", type=int)
     g.add_argument("--max-minutes", type=float, help="stop (and save) after this many minutes of training")
+    g.add_argument("--schedule-clock", choices=("updates", "time"),
+                   help="run the learning-rate schedule over --max-updates (default) or over --max-minutes "
+                        "of training time (a fixed time budget; not bit-reproducible)")
     g.add_argument("--max-tokens", type=int, help="samples per batch and process")
     g.add_argument("--max-samples", type=int, help="crop longer files to this many samples")
     g.add_argument("--lr", type=float)
@@ -43,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args) -> dict:
     sections = {
-        "train": {"max_updates": args.max_updates, "max_minutes": args.max_minutes, "lr": args.lr, "warmup_updates": args.warmup_updates,
+        "train": {"max_updates": args.max_updates, "max_minutes": args.max_minutes,
+                  "schedule_clock": args.schedule_clock, "lr": args.lr, "warmup_updates": args.warmup_updates,
                   "accum_steps": args.accum_steps, "precision": args.precision, "save_interval": args.save_interval,
                   "keep_last": args.keep_last, "seed": args.seed, "device": args.device,
                   "tensorboard": args.tensorboard, "progress": args.progress},
@@ -71,27 +74,46 @@ def report_bad(bad, examples: int = 3) -> None:
         print(f"skipping {len(short) - examples} more files that are too short", file=sys.stderr)
 
 
-def run(args) -> int:
+def _recipe(args, run_dir: Path):
+    """The run's recipe: --config (or, resuming without --preset, the run's own), then the flags."""
     from .. import pretrain
-    from ..checkpoint import load_model
-    from ..trainer import dist_info
 
-    run_dir = Path(args.out)
     saved = run_dir / pretrain.RECIPE_FILE
     if args.config:
-        spec = json.loads(Path(args.config).read_text()) if Path(args.config).exists() else None
-        if spec is None:
-            raise FileNotFoundError(f"{args.config}: no such config file")
+        spec = pretrain.read_config_file(args.config)
     elif args.resume and args.preset is None and saved.exists():
-        spec = json.loads(saved.read_text())  # the run's own recipe
+        spec = pretrain.read_config_file(saved)  # the run's own recipe
     else:
         spec = {}
     spec = _merge(spec, _overrides(args))
-    rec = pretrain.recipe(args.preset or spec.get("preset", "base"), spec)
+    return pretrain.recipe(args.preset or spec.get("preset", "base"), spec)
+
+
+def run(args) -> int:
+    from ..checkpoint import load_model
+    from ..config import ConfigError
+    from ..data import list_entries, validate_entries
+    from ..pretrain import build_trainer
+    from ..trainer import checkpoint_dirs, dist_info
+
+    run_dir = Path(args.out)
+    problems, rec, entries = [], None, []
+    if not args.resume and checkpoint_dirs(run_dir):
+        problems.append(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    try:  # every problem with the options and the data listing, reported together, before anything is written
+        rec = _recipe(args, run_dir)
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        entries = list_entries(args.data)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
     rec.data.inputs = [str(Path(p).resolve()) for p in args.data]
     main = dist_info().is_main
 
-    good, bad = pretrain.prepare_data(args.data, rec)
+    good, bad = validate_entries(entries, min_seconds=rec.data.min_samples / rec.model.sampling_rate)
     if main:
         report_bad(bad)
         hours = sum(e.seconds for e in good) / 3600
@@ -99,7 +121,7 @@ def run(args) -> int:
     model = load_model(args.init, with_quantizer=True).train() if args.init else None
     if model is not None:
         rec.model = model.config
-    trainer = pretrain.build_trainer(good, run_dir, rec, model=model)
+    trainer = build_trainer(good, run_dir, rec, model=model)
     result = trainer.train(resume=args.resume)
     if main:
         how = "stopped early" if result["stopped_early"] else "done"

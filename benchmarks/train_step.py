@@ -1,0 +1,147 @@
+"""One training update (forward + backward + AdamW step) of w2v2 against transformers on the same
+weights and batch: CTC fine-tuning against Wav2Vec2ForCTC, pretraining against Wav2Vec2ForPreTraining.
+
+    python benchmarks/train_step.py           # CTC: BASE 2 x 10 s, `small` 8 x 4 s; pretraining: BASE 2 x 10 s
+    python benchmarks/train_step.py --quick   # one timed step per variant
+
+Both models train everything (feature encoder included; --freeze-feature-encoder freezes it in
+both), with the preset's dropouts, no layerdrop and no SpecAugment so that both do the same work.
+The CTC loss is the same function of the logits for both; pretraining uses each library's own
+objective with the same mask and negatives (100 per masked frame). bf16 means ``torch.autocast`` for
+transformers and ``set_precision("bf16")`` for ours (float32 master weights in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+import harness
+
+CASES = (("base", 2, 10.0), ("small", 8, 4.0), ("pretrain-base", 2, 10.0))
+
+
+def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    lp = logits.float().log_softmax(-1).transpose(0, 1)  # (frames, batch, vocab)
+    b, t = logits.shape[0], logits.shape[1]
+    return F.ctc_loss(lp, targets, torch.full((b,), t), torch.full((b,), targets.shape[1]), blank=0,
+                      reduction="mean", zero_infinity=True)
+
+
+def steps(hf, ours, x: torch.Tensor, targets: torch.Tensor):
+    """name -> one update of that variant."""
+    xn = harness.normalized(x)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+
+    def tf(bf16: bool):
+        def step():
+            opt_hf.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                logits = hf(xn).logits
+            ctc_loss(logits, targets).backward()
+            opt_hf.step()
+        return step
+
+    def ours_(prec: str):
+        def step():
+            opt_ours.zero_grad(set_to_none=True)
+            ours.set_precision(prec)
+            ctc_loss(ours(x).logits, targets).backward()
+            opt_ours.step()
+        return step
+
+    return {"tf fp32": tf(False), "ours fp32": ours_("fp32"), "tf bf16": tf(True), "ours bf16": ours_("bf16")}
+
+
+def pretrain_steps(hf, ours, x: torch.Tensor):
+    """name -> one pretraining update: same mask (p=0.65, length 10) and negatives for both."""
+    from w2v2.masking import compute_mask_indices, sample_negatives
+    from w2v2.pretrain import PretrainConfig, pretraining_step
+
+    xn, cfg = harness.normalized(x), PretrainConfig()
+    b, frames = x.shape[0], int(ours.num_frames(torch.tensor([x.shape[1]]))[0])
+    g = torch.Generator().manual_seed(0)
+    mask = compute_mask_indices((b, frames), cfg.mask_prob, cfg.mask_length, min_masks=cfg.min_masks, generator=g)
+    negatives = sample_negatives(mask, cfg.num_negatives, generator=g)  # (batch, masked, K)
+    hf_neg = torch.zeros(b, frames, cfg.num_negatives, dtype=torch.long)
+    hf_neg[mask] = (negatives + frames * torch.arange(b)[:, None, None]).view(-1, cfg.num_negatives)
+    ours.feature_grad_scale = cfg.feature_grad_scale
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+
+    def tf(bf16: bool):
+        def step():
+            opt_hf.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                loss = hf(xn, mask_time_indices=mask, sampled_negative_indices=hf_neg).loss
+            loss.backward()
+            opt_hf.step()
+        return step
+
+    def ours_(prec: str):
+        def step():
+            opt_ours.zero_grad(set_to_none=True)
+            ours.set_precision(prec)
+            pretraining_step(ours, x, None, mask, negatives, cfg)["total"].backward()
+            opt_ours.step()
+        return step
+
+    return {"tf fp32": tf(False), "ours fp32": ours_("fp32"), "tf bf16": tf(True), "ours bf16": ours_("bf16")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one timed step per variant")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
+    p.add_argument("--cases", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
+    p.add_argument("--freeze-feature-encoder", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else args.repeats
+    load_before = harness.load_average()
+    rows = []
+    for name, batch, seconds in CASES:
+        if name not in args.cases:
+            continue
+        pretrain = name.startswith("pretrain-")
+        with tempfile.TemporaryDirectory() as tmp:
+            # a pretraining model needs mask_time_prob > 0 to own its mask embedding; the mask itself is ours
+            cfg = harness.hf_config(name.removeprefix("pretrain-"), layerdrop=0.0, **({"mask_time_prob": 0.05} if pretrain else {}))
+            hf, ours = harness.model_pair(tmp, cfg, head="Wav2Vec2ForPreTraining" if pretrain else "Wav2Vec2ForCTC")
+        hf.train(), ours.train()
+        if args.freeze_feature_encoder:
+            hf.freeze_feature_encoder()
+            ours.feature_grad_scale = 0.0
+            ours.feature_extractor.requires_grad_(False)
+        x = harness.speech(seconds, batch)
+        frames = harness.conv_frames(ours.config, x.shape[1])[-1]
+        targets = torch.randint(1, ours.config.vocab_size or 32, (batch, frames // 4), generator=torch.Generator().manual_seed(0))
+        fns = pretrain_steps(hf, ours, x) if pretrain else steps(hf, ours, x, targets)
+        times = harness.interleaved(fns, repeats, warmup=1, clock=args.clock)
+        flops = 3 * batch * sum(harness.forward_flops(ours.config, x.shape[1]).values())  # backward ~ 2x forward
+        for prec in ("fp32", "bf16"):
+            t_tf, t_ours = times[f"tf {prec}"], times[f"ours {prec}"]
+            rows.append([f"{'pretraining ' + name.removeprefix('pretrain-') if pretrain else 'CTC ' + name} "
+                         f"{batch} x {seconds:g} s", prec, f"{t_tf:.3f}", f"{t_ours:.3f}",
+                         f"{t_tf / t_ours:.2f}x", f"{times['tf fp32'] / t_ours:.2f}x",
+                         f"{flops / t_tf / 1e9:.0f}", f"{flops / t_ours / 1e9:.0f}"])
+    print("# w2v2 training update (forward + backward + AdamW) vs transformers Wav2Vec2ForCTC / Wav2Vec2ForPreTraining")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+          f"clock {args.clock}, repeats {repeats}, feature encoder {'frozen' if args.freeze_feature_encoder else 'trained'}")
+    print(f"load average before/after: {load_before} / {harness.load_average()}\n")
+    print(harness.markdown_table(
+        ["batch", "precision", "transformers s/step", "ours s/step", "speedup", "ours vs tf fp32",
+         "tf ≈GFLOP/s", "ours ≈GFLOP/s"], rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Interrupted work loses nothing: kill -9 during pretraining, crashes inside a save, damaged
+checkpoint files, non-finite batches, and safe loading (safetensors; pickles only weights_only).
+
+The reference for exactness is an uninterrupted run: after any number of kills and resumes the
+final weights and optimizer state must be bit-identical to it (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from w2v2 import data
+from w2v2.checkpoint import CheckpointError
+from w2v2.cli import main
+from w2v2.trainer import STATE_FILE, Trainer, checkpoint_dirs, last_checkpoint, read_checkpoint, read_metrics
+
+from .helpers import write_clips
+from .test_trainer import clips, config, factory, frame_loss, model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+UPDATES = 10
+PRETRAIN = ["--preset", "tiny", "--no-progress", "--max-tokens", "24000", "--max-updates", str(UPDATES),
+            "--save-interval", "1", "--keep-last", "2", "--seed", "5"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    write_clips(folder, [0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
+    return folder / "audio"
+
+
+@pytest.fixture(scope="module")
+def reference(audio, tmp_path_factory):
+    """An uninterrupted tiny pretraining run (in this process, one thread, as the subprocesses)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        assert main(["pretrain", str(audio), "--out", str(run), *PRETRAIN]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return run, time.perf_counter() - start
+
+
+def pretrain_process(audio, run: Path, resume: bool, inject: str = "") -> subprocess.Popen:
+    """``w2v2 pretrain`` in a child process; ``inject`` is Python run first (to plant a crash)."""
+    argv = ["pretrain", str(audio), "--out", str(run), *PRETRAIN, *(["--resume"] if resume else [])]
+    code = f"{inject}\nimport sys\nfrom w2v2.cli import main\nsys.exit(main({argv!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def resume_to_the_end(audio, run: Path) -> None:
+    assert main(["pretrain", str(audio), "--out", str(run), *PRETRAIN, "--resume"]) == 0
+
+
+def assert_intact(run: Path) -> None:
+    """Every visible checkpoint verifies (checksums, trainer state, weights); checkpoint_last is one of them."""
+    found = checkpoint_dirs(run)
+    assert found, "no checkpoint"
+    for ckpt in found:
+        read_checkpoint(ckpt, torch.nn.Module())  # not a Wav2Vec2: reads model.safetensors as is
+    assert last_checkpoint(run) in found
+
+
+def assert_same_as_reference(run: Path, reference: Path) -> None:
+    mine, theirs = run / "checkpoint_last", reference / "checkpoint_last"
+    assert mine.resolve().name == theirs.resolve().name == f"checkpoint_{UPDATES:07d}"
+    a, b = load_file(mine / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    sa = torch.load(mine / STATE_FILE, weights_only=True)["optimizer"]["state"]
+    sb = torch.load(theirs / STATE_FILE, weights_only=True)["optimizer"]["state"]
+    for i in sb:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    rows, ref_rows = read_metrics(run), read_metrics(reference)
+    assert [r["update"] for r in rows] == list(range(1, UPDATES + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # temporaries cleaned up
+
+
+# ---------------------------------------------------------------------------- kill -9
+def test_kill_9_at_a_random_moment_then_resume_is_exact(audio, reference, tmp_path):
+    """Killed (SIGKILL) once a checkpoint exists, at a random time (a checkpoint is saved after
+    every update, so the kill often lands inside a save); resumed twice: the same weights."""
+    ref_run, ref_seconds = reference
+    seed = int(os.environ.get("W2V2_KILL_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    for attempt in range(2):
+        proc = pretrain_process(audio, run, resume=attempt > 0)
+        start = len(checkpoint_dirs(run)) and max(int(p.name[11:]) for p in checkpoint_dirs(run))
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:  # wait for a new checkpoint
+            done = checkpoint_dirs(run)
+            if done and int(done[-1].name[11:]) > start:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.6 * ref_seconds))
+        proc.send_signal(signal.SIGKILL)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode in (-signal.SIGKILL, 0), (seed, err)
+        assert "Traceback" not in err, (seed, err)
+        assert_intact(run)
+    resume_to_the_end(audio, run)
+    assert_same_as_reference(run, ref_run)
+
+
+CRASHES = {
+    # after the weights and trainer state are written to the temporary directory, before the rename
+    "inside_save": ("write_checksums", "def crash(*a, **k):\n    os._exit(137)"),
+    # the new checkpoint is in place, checkpoint_last still points to the one before
+    "before_repointing_last": ("_point_last", "def crash(*a, **k):\n    os._exit(137)"),
+    # an old checkpoint was renamed for deletion and only partly deleted
+    "while_deleting_old": ("_remove_dir", "def crash(d):\n    doomed = d.with_name('.' + d.name + '.deleting-1')\n"
+                                          "    os.replace(d, doomed)\n    os.remove(doomed / 'config.json')\n"
+                                          "    os._exit(137)"),
+}
+
+
+@pytest.mark.parametrize("where", [pytest.param("inside_save"),
+                                   pytest.param("before_repointing_last", marks=pytest.mark.slow),
+                                   pytest.param("while_deleting_old", marks=pytest.mark.slow)])
+def test_crash_at_each_step_of_a_save_then_resume_is_exact(where, audio, reference, tmp_path):
+    name, body = CRASHES[where]
+    calls = 3 if name != "_remove_dir" else 1  # the third save (the first deletion) crashes
+    inject = (f"import os\nimport w2v2.runs as t\n{body}\n_real, _n = t.{name}, [0]\n"
+              f"def patched(*a, **k):\n    _n[0] += 1\n    return crash(*a, **k) if _n[0] == {calls} else _real(*a, **k)\n"
+              f"t.{name} = patched")
+    proc = pretrain_process(audio, tmp_path / "run", resume=False, inject=inject)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 137, err
+    assert_intact(tmp_path / "run")
+    resume_to_the_end(audio, tmp_path / "run")
+    assert_same_as_reference(tmp_path / "run", reference[0])
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+def damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "flip":  # one bit in the middle: tensor data, which neither format checks itself
+        i = len(raw) // 2
+        path.write_bytes(raw[:i] + bytes([raw[i] ^ 1]) + raw[i + 1:])
+    elif how == "delete":
+        path.unlink()
+    elif how == "garbage":
+        path.write_bytes(b"\x00garbage" * 10)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 6-update run with checkpoints at 2, 4 and 6, and the entries it trained on."""
+    tmp = tmp_path_factory.mktemp("trained")
+    entries = clips(tmp)
+    Trainer(model(), frame_loss, factory(entries), config(save_interval=2, keep_last=3), tmp / "run").train()
+    return tmp / "run", entries
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    import shutil
+
+    run, entries = trained
+    shutil.copytree(run, tmp_path / "run", symlinks=True)
+    return tmp_path / "run", entries
+
+
+def test_checkpoint_holds_safetensors_weights_and_checksums(trained):
+    ckpt = last_checkpoint(trained[0])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.json", "config.json", "model.safetensors",
+                                                      "preprocessor_config.json", STATE_FILE]
+
+
+@pytest.mark.parametrize("file,how", [("model.safetensors", "truncate"), ("model.safetensors", "flip"),
+                                      ("model.safetensors", "delete"), (STATE_FILE, "truncate"),
+                                      (STATE_FILE, "flip"), (STATE_FILE, "garbage"), ("checksums.json", "garbage"),
+                                      ("config.json", "garbage")])
+def test_damaged_checkpoint_file_is_named_in_the_error(run_copy, file, how):
+    run, entries = run_copy
+    ckpt = run / "checkpoint_0000006"
+    damage(ckpt / file, how)
+    trainer = Trainer(model(), frame_loss, factory(entries), config(), run)
+    with pytest.raises(CheckpointError) as info:
+        trainer.load_checkpoint(ckpt)
+    message = str(info.value)
+    assert "\n" not in message and str(ckpt) in message
+    assert file in message, message
+    if file in ("model.safetensors", "config.json"):  # loading it as a model checks the same checksums
+        import w2v2
+        with pytest.raises(CheckpointError, match=file):
+            w2v2.load_model(ckpt)
+
+
+def test_resume_falls_back_to_the_previous_intact_checkpoint(run_copy, tmp_path, caplog):
+    run, entries = run_copy
+    damage(run / "checkpoint_0000006" / "model.safetensors", "flip")
+    straight = model()
+    Trainer(straight, frame_loss, factory(entries), config(), tmp_path / "straight").train()
+    resumed = model(seed=99)
+    with caplog.at_level(logging.WARNING, logger="w2v2.trainer"):
+        result = Trainer(resumed, frame_loss, factory(entries), config(), run).train(resume=True)
+    assert "checkpoint_0000006 is damaged" in caplog.text and "model.safetensors: corrupted" in caplog.text
+    assert "resumed from the earlier checkpoint_0000004" in caplog.text
+    assert (run / "checkpoint_0000006.corrupt").is_dir()  # kept for inspection, out of the way
+    assert result["step"] == 6 and last_checkpoint(run).name == "checkpoint_0000006"
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error(run_copy, tmp_path, capsys):
+    run, entries = run_copy
+    for ckpt in checkpoint_dirs(run):
+        damage(ckpt / STATE_FILE, "truncate")
+    with pytest.raises(CheckpointError, match="no intact checkpoint to resume from") as info:
+        Trainer(model(), frame_loss, factory(entries), config(), run).train(resume=True)
+    assert str(info.value).count("trainer_state.pt: corrupted") == 3
+    assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint_0000002", "checkpoint_0000004",
+                                                      "checkpoint_0000006"]  # nothing moved
+
+
+def test_cli_resume_from_damaged_run_is_one_error(audio, reference, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run, symlinks=True)
+    for ckpt in checkpoint_dirs(run):
+        damage(ckpt / "model.safetensors", "truncate")
+    assert main(["pretrain", str(audio), "--out", str(run), *PRETRAIN, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"w2v2 pretrain: error: {run}: no intact checkpoint")
+
+
+def test_resume_with_another_architecture_says_so(run_copy):
+    run, entries = run_copy
+    trainer = Trainer(model(hidden_size=64, intermediate_size=64), frame_loss, factory(entries), config(), run)
+    with pytest.raises(CheckpointError, match="different model than this run's"):
+        trainer.load_checkpoint(run / "checkpoint_0000006")
+
+
+# ---------------------------------------------------------------------------- non-finite values
+def test_non_finite_gradient_is_skipped_and_logged(tmp_path, caplog):
+    """A finite loss whose gradient is NaN (sqrt at 0): the update is skipped, the weights untouched."""
+    entries = clips(tmp_path)
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        loss, n, metrics = frame_loss(m, batch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            loss = loss + (0 * next(m.parameters()).sum()).sqrt()  # value +0, gradient inf * 0 = NaN
+        return loss, n, metrics
+
+    m = model()
+    with caplog.at_level(logging.WARNING, logger="w2v2.trainer"):
+        trainer = Trainer(m, loss_fn, factory(entries), config(max_updates=3), tmp_path / "run")
+        trainer.train()
+    assert "update 2 skipped: non-finite gradient" in caplog.text
+    assert [r["skipped"] for r in read_metrics(tmp_path / "run")] == [0, 1, 0, 0]
+    assert trainer.skipped == 1 and all(torch.isfinite(v).all() for v in m.state_dict().values())
+
+
+def test_non_finite_loss_is_logged_and_endless_divergence_stops(tmp_path, caplog):
+    entries = clips(tmp_path)
+
+    def nan_loss(m, batch):
+        loss, n, metrics = frame_loss(m, batch)
+        return loss * float("nan"), n, metrics
+
+    with caplog.at_level(logging.WARNING, logger="w2v2.trainer"):
+        with pytest.raises(RuntimeError, match="3 updates in a row had non-finite loss"):
+            Trainer(model(), nan_loss, factory(entries), config(max_consecutive_skips=3), tmp_path / "run").train()
+    assert caplog.text.count("skipped: non-finite loss") == 3
+
+
+def test_nan_audio_mid_run_is_replaced_by_the_next_file(tmp_path, caplog):
+    """A file whose header is fine passes validation; its NaN samples are caught when it is read."""
+    paths = write_clips(tmp_path, [0.3, 0.4])
+    x = np.zeros(4800, np.float32)
+    x[100] = np.nan
+    sf.write(paths[0], x, 16000, subtype="FLOAT")
+    good, bad = data.validate_entries(data.list_entries([tmp_path]))
+    assert len(good) == 2 and not bad
+    item = data.AudioDataset(good, max_samples=None)[0]
+    assert item["index"] == 1 and torch.isfinite(item["wav"]).all()
+    assert "NaN or infinite" in caplog.text
+
+
+# ---------------------------------------------------------------------------- safe loading
+def test_every_torch_load_is_weights_only():
+    """No pickle can run code: every torch.load in the code passes weights_only=True; nothing
+    else unpickles (pickle, numpy allow_pickle)."""
+    sources = sorted(ROOT.glob("w2v2/**/*.py")) + sorted(ROOT.glob("recipes/**/*.py")) + \
+        sorted(ROOT.glob("benchmarks/**/*.py"))
+    loads = 0
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n in ("pickle", "cPickle", "dill", "joblib") for n in names), f"{path}:{node.lineno}"
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            kwargs = {k.arg: k.value for k in node.keywords}
+            if func in ("torch.load", "torch.serialization.load"):
+                loads += 1
+                flag = kwargs.get("weights_only")
+                assert isinstance(flag, ast.Constant) and flag.value is True, f"{path}:{node.lineno}: {func}"
+            if func in ("np.load", "numpy.load"):
+                flag = kwargs.get("allow_pickle")
+                assert flag is None or isinstance(flag, ast.Constant) and flag.value is False, f"{path}:{node.lineno}"
+    assert loads >= 3  # the trainer state, pytorch_model.bin, fairseq checkpoints

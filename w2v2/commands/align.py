@@ -1,0 +1,57 @@
+"""``w2v2 align AUDIO TRANSCRIPT``: word and character times of a known transcript (CTC forced alignment)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from ._shared import add_model_arguments, add_output_arguments, check_output_arguments, emit
+
+HELP = "word timestamps for a known transcript (CTC forced alignment)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("audio", metavar="AUDIO", help="audio or video file of any length, - for standard input, or an http(s) URL (needs yt-dlp)")
+    parser.add_argument("transcript", metavar="TRANSCRIPT",
+                        help="the words spoken: a text file, or the text itself (quote it)")
+    add_model_arguments(parser)
+    add_output_arguments(parser, default_format="json")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..audio import download_url, is_url
+    from ..checkpoint import load_model
+    from ..emissions import resolve_device
+    from ..transcribe import TranscribeOptions, Transcriber
+
+    check_output_arguments(args)
+    transcript = _read_transcript(args.transcript)
+    options = TranscribeOptions(
+        chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds, batch_size=args.batch_size,
+        device=args.device, precision=args.precision, max_segment_chars=args.max_segment_chars,
+        max_segment_seconds=args.max_segment_seconds, pause_seconds=args.pause_seconds,
+    )
+    model = load_model(args.model, device=resolve_device(args.device))
+    transcriber = Transcriber(model, options, model_name=args.model or "default")
+    with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp:
+        audio = str(download_url(args.audio, tmp)) if is_url(args.audio) else args.audio
+        try:
+            result = transcriber.align(audio, transcript)
+        except ValueError as e:  # the transcript or the audio: name the input
+            raise ValueError(str(e) if str(e).startswith(f"{audio}:") else f"{audio}: {e}") from e
+    emit(result, audio, args)
+    return 0
+
+
+def _read_transcript(arg: str) -> str:
+    if os.path.isfile(arg):
+        try:
+            text = open(arg, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{arg}: cannot read the transcript ({e})") from e
+    else:
+        text = arg
+    if not text.strip():
+        raise ValueError(f"the transcript {'file ' + arg + ' ' if os.path.isfile(arg) else ''}is empty")
+    return text

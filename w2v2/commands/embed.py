@@ -1,0 +1,124 @@
+"""``w2v2 embed``: hidden states of chosen layers, one file per input (or one combined file).
+
+Per input ``KEY`` (the manifest's ``path``, the path under a given directory, or the file name,
+without extension):
+
+- ``--format safetensors``: ``DIR/KEY.safetensors`` with tensors ``features`` ((layers, dim) for
+  ``--pool mean``, (layers, frames, dim) for ``--pool none``) and, for ``--pool none``,
+  ``frame_times`` (frames,) in seconds; string metadata ``model``, ``layers`` (JSON list),
+  ``pool``, ``source``, ``num_frames``, ``frame_shift``, ``receptive_field``.
+- ``--format npy``: ``DIR/KEY.npy`` (``features``) and ``DIR/KEY.json`` with the same metadata
+  (and ``frame_times`` for ``--pool none``).
+
+``--output FILE`` instead writes one safetensors file for all inputs, in input order:
+``features`` (files, layers, dim) for ``--pool mean``; for ``--pool none`` the frames of all files
+concatenated, ``features`` (layers, total frames, dim), ``frame_times`` (total frames,) and
+``offsets`` (files + 1,): file i has frames ``offsets[i]:offsets[i+1]``. Metadata ``keys`` and
+``sources`` (JSON lists) name the files. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save as st_save
+from tqdm import tqdm
+
+from ..cli import UserError
+from ..fileio import atomic_write_bytes, atomic_write_text
+
+HELP = "extract representations to safetensors/npy"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="audio/video files, directories (searched recursively) or .tsv manifests "
+                             "(a 'path' column, relative to the manifest)")
+    parser.add_argument("--model", default="default", help="model directory, fairseq .pt, or Hugging Face id")
+    parser.add_argument("--layer", "--layers", dest="layer", default="all",
+                        help="'all' (0..N, 0 = Transformer input), one layer N, or a list like 0,6,12 "
+                             "(negative counts from the last); only the layers needed are run")
+    parser.add_argument("--pool", choices=["mean", "none"], default="mean",
+                        help="mean over frames -> (layers, dim), or none -> (layers, frames, dim) with frame times")
+    parser.add_argument("--format", choices=["safetensors", "npy"], default="safetensors")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output-dir", help="one file per input here (subdirectories mirror the input names)")
+    out.add_argument("--output", help="one combined safetensors file for all inputs")
+    parser.add_argument("--batch-size", type=int, default=8, help="files per forward pass (sorted by duration)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from ..checkpoint import load_model
+    from ..embed import embed, frame_shift, receptive_field, resolve_inputs, resolve_layers
+
+    if args.output and args.format != "safetensors":
+        raise UserError("--output writes one safetensors file; use --output-dir for --format npy")
+    items = resolve_inputs(args.inputs)
+    if not items:
+        raise UserError(f"no audio files found in {' '.join(args.inputs)}")
+    model = load_model(args.model, device=args.device, with_quantizer=False)
+    layers = resolve_layers(args.layer, model.config.num_hidden_layers)
+    meta = {"model": str(args.model), "layers": json.dumps(layers), "pool": args.pool,
+            "frame_shift": repr(frame_shift(model)), "receptive_field": repr(receptive_field(model))}
+    done, failed = [], 0
+    bar = tqdm(total=len(items), unit="file", disable=args.no_progress or None, file=sys.stderr)
+    for e in embed(model, items, layers=layers, pool=args.pool, batch_size=args.batch_size):
+        bar.update(1)
+        if not e.ok:
+            failed += 1
+            tqdm.write(f"w2v2 embed: error: {e.error} (skipped)", file=sys.stderr)
+        elif args.output:
+            done.append(e)
+        else:
+            write_one(e, Path(args.output_dir), args.format, meta)
+    bar.close()
+    if args.output and done:
+        done.sort(key=lambda e: e.index)
+        atomic_write_bytes(args.output, combined_bytes(done, args.pool, meta))
+    where = args.output or args.output_dir
+    print(f"{len(items) - failed} of {len(items)} files embedded to {where}"
+          + (f"; {failed} failed (see above)" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_one(e, out_dir: Path, fmt: str, meta: dict) -> Path:
+    """Write one :class:`~w2v2.embed.Embedding` as ``out_dir/KEY.safetensors`` or ``.npy`` + ``.json``."""
+    meta = {**meta, "source": e.item.name, "num_frames": str(e.num_frames)}
+    path = out_dir / f"{e.item.key}.{fmt}"
+    if not path.resolve().is_relative_to(out_dir.resolve()):  # keys are made relative; never write elsewhere
+        raise ValueError(f"{e.item.name}: output name {e.item.key!r} leaves the output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        tensors = {"features": e.features}
+        if e.frame_times is not None:
+            tensors["frame_times"] = e.frame_times
+        atomic_write_bytes(path, st_save(tensors, metadata=meta))
+        return path
+    buf = io.BytesIO()
+    np.save(buf, e.features)
+    atomic_write_bytes(path, buf.getvalue())
+    side = {k: (json.loads(v) if k in ("layers", "num_frames", "frame_shift", "receptive_field") else v)
+            for k, v in meta.items()}
+    side["shape"] = list(e.features.shape)
+    if e.frame_times is not None:
+        side["frame_times"] = [round(float(t), 6) for t in e.frame_times]
+    atomic_write_text(path.with_suffix(".json"), json.dumps(side, indent=1) + "\n")
+    return path
+
+
+def combined_bytes(done: list, pool: str, meta: dict) -> bytes:
+    """All embeddings (in input order) as one safetensors file; see the module docstring."""
+    meta = {**meta, "keys": json.dumps([e.item.key for e in done]),
+            "sources": json.dumps([e.item.name for e in done])}
+    if pool == "mean":
+        return st_save({"features": np.stack([e.features for e in done])}, metadata=meta)
+    offsets = np.cumsum([0] + [e.num_frames for e in done]).astype(np.int64)
+    tensors = {"features": np.concatenate([e.features for e in done], axis=1),
+               "frame_times": np.concatenate([e.frame_times for e in done]), "offsets": offsets}
+    return st_save(tensors, metadata=meta)

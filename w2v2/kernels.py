@@ -1,0 +1,363 @@
+"""Fast primitives for the model's hot path, each with a plain-PyTorch fallback.
+
+On x86 CPUs PyTorch runs float32 ``F.linear``/``torch.mm`` through MKL, which on AMD processors
+takes a slower code path; oneDNN (``torch.ops.mkldnn``) runs the same products about twice as
+fast, forward and backward, and fuses GELU or a residual add into the GEMM. Convolutions run
+channels-last (``(batch, channels, 1, time)`` views of ``(batch, time, channels)`` memory), which
+oneDNN handles without reordering, so the feature encoder never transposes.
+
+Every function here returns what its ``torch.nn.functional`` counterpart returns, to float
+rounding; set ``W2V2_DISABLE_ONEDNN=1`` to use the plain PyTorch ops instead (for debugging).
+Weights derived from parameters (a dtype cast, the stacked q/k/v matrix, a weight-normed kernel)
+are cached per module and rebuilt when a parameter changes (see :func:`cached`); under autograd
+they are recomputed on every call, so gradients reach the parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import weakref
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ENABLED = os.environ.get("W2V2_DISABLE_ONEDNN", "") in ("", "0")  # False: plain PyTorch ops only
+_HAS_OPS = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_ok(*tensors: Tensor) -> bool:
+    """Whether oneDNN kernels apply: CPU tensors of one dtype (float32, or bfloat16 where supported)."""
+    if not ENABLED or not _HAS_OPS or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    t0 = tensors[0]
+    if t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.bfloat16) or t0.numel() == 0:
+        return False
+    if torch.is_autocast_enabled("cpu"):  # autocast rewrites F.* ops only; let it do its job
+        return False
+    if any(t is not None and t.dtype != t0.dtype for t in tensors):
+        return False
+    return t0.dtype == torch.float32 or _bf16_kernels()
+
+
+@functools.cache
+def _bf16_kernels() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------- derived weights
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached(owner: nn.Module, key, params: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, remembered on ``owner`` until one of ``params`` changes (in place, or moved).
+
+    Under autograd (a parameter requires grad and grad mode is on) ``make()`` runs every call so
+    that its result is part of the graph."""
+    if needs_grad(*params):
+        return make()
+    stamp = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+    slots = _CACHE.setdefault(owner, {})
+    hit = slots.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
+        value = make()
+    slots[key] = (stamp, value)
+    return value
+
+
+def clear_cache(module: nn.Module) -> None:
+    """Forget every derived weight of ``module`` and its children (frees their memory)."""
+    for m in module.modules():
+        _CACHE.pop(m, None)
+
+
+def weight_as(owner: nn.Module, name: str, dtype: torch.dtype) -> Tensor | None:
+    """``owner.<name>`` cast to ``dtype`` (cached when no gradient is needed)."""
+    p = getattr(owner, name)
+    if p is None or p.dtype == dtype:
+        return p
+    return cached(owner, (name, dtype), (p,), lambda: p.to(dtype))
+
+
+# --------------------------------------------------------------------------- linear
+def _dense(t: Tensor) -> Tensor:
+    """oneDNN falls back to slow reference kernels on unusual strides: plain or transposed only."""
+    if t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous()):
+        return t
+    return t.contiguous()
+
+
+def _lp(x: Tensor, w: Tensor, b: Tensor | None, act: str = "none") -> Tensor:
+    x, w = _dense(x), _dense(w)
+    if act == "gelu":
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [None], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ w.T + b with oneDNN in both directions (the backward products as linears on transposed views)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _lp(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (rows, out)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _lp(g2, w.t(), None).view(x.shape)  # (rows, in)
+        if ctx.needs_input_grad[1]:
+            gw = _lp(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0, dtype=torch.float32).to(grad.dtype)
+        return gx, gw, gb
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, *, gelu: bool = False,
+           residual: Tensor | None = None) -> Tensor:
+    """``gelu(x @ w.T + b)`` or ``x @ w.T + b + residual``; x: (..., in), w: (out, in)."""
+    if gelu and residual is not None:
+        raise ValueError("linear() fuses either gelu or a residual add, not both")
+    if not onednn_ok(x, w, b, residual):
+        y = F.linear(x, w, b)
+    elif needs_grad(x, w, b):
+        y = _OneDNNLinear.apply(x, w, b)
+    elif gelu:
+        return _lp(x, w, b, "gelu")
+    elif residual is not None and residual.shape == x.shape[:-1] + (w.shape[0],):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), w, b, "add")
+    else:
+        y = _lp(x, w, b)
+    if gelu:
+        return F.gelu(y)
+    return y if residual is None else y + residual
+
+
+# --------------------------------------------------------------------------- dropout
+def keep_mask(shape, p: float, device) -> tuple[Tensor, float]:
+    """(bool mask of kept elements, 1 / keep probability) for dropout with probability ``p``.
+
+    16 random bits per element, four from each random int64: PyTorch's bernoulli_ costs 10x more
+    on CPUs. The drop probability is round(p * 2**16) / 2**16 (within 1e-5 of p) and the scale
+    matches it exactly."""
+    threshold = round(p * 65536)
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    return (bits.view(torch.int16)[:n] >= threshold - 32768).view(shape), 65536 / (65536 - threshold)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        mask, ctx.scale = keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(mask)
+        return torch.ops.aten.native_dropout_backward(x, mask, ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout`` with a faster mask on CPUs (same semantics, different random stream)."""
+    if not training or p == 0:
+        return x
+    if p >= 1 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    return _Dropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through :func:`dropout`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+# --------------------------------------------------------------------------- attention
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, dropout_p: float = 0.0,
+              block: int = 512, per_head_from: int = 1024) -> Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v; q, k, v: (batch, heads, time, head_dim) -> (batch, time, heads * head_dim).
+
+    key_mask: (batch, 1, 1, time) bool, True where attending is allowed. Without autograd on a
+    CPU this is plain products and a softmax over blocks of ``block`` queries, in q's dtype with
+    the softmax accumulating in float32: all heads at once up to ``per_head_from`` frames (few,
+    large operations: robust when other processes compete for the cores), head by head with
+    oneDNN beyond, where a block of all heads' scores would spill out of cache (2.5-3x faster at
+    60 s). Both beat PyTorch's CPU flash attention, whose bf16 kernel is no faster than its float32
+    one without AMX. With autograd: :class:`_AttentionTrain`; elsewhere SDPA."""
+    b, h, t, d = q.shape
+    if needs_grad(q, k, v) and onednn_ok(q, k, v):
+        return _AttentionTrain.apply(q, k, v, key_mask, dropout_p)
+    if dropout_p > 0 or needs_grad(q, k, v) or not onednn_ok(q, k, v):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+        return y.transpose(1, 2).reshape(b, t, h * d)
+    out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
+    masked = None if key_mask is None else ~key_mask  # (batch, 1, 1, time)
+    q = q * d ** -0.5
+    if t < per_head_from:
+        kt = k.transpose(-1, -2)
+        for s0 in range(0, t, block):
+            s = torch.matmul(q[:, :, s0: s0 + block], kt)  # (batch, heads, queries, keys)
+            if masked is not None:
+                s.masked_fill_(masked, float("-inf"))
+            out[:, s0: s0 + block] = torch.matmul(torch.softmax(s, -1), v).transpose(1, 2)
+        return out.view(b, t, h * d)
+    q, k, vt = q.contiguous(), k.contiguous(), v.transpose(-1, -2).contiguous()  # vt: (batch, heads, d, time)
+    for i in range(b):
+        for j in range(h):
+            for s0 in range(0, t, block):
+                s = _lp(q[i, j, s0: s0 + block], k[i, j], None)  # (queries, keys)
+                if masked is not None:
+                    s.masked_fill_(masked[i, 0], float("-inf"))
+                out[i, s0: s0 + block, j] = _lp(torch.softmax(s, -1), vt[i, j], None)
+    return out.view(b, t, h * d)
+
+
+class _AttentionTrain(torch.autograd.Function):
+    """Attention with dropout on the probabilities, head by head with oneDNN products in both
+    directions (PyTorch's CPU SDPA falls back to MKL batched products and bernoulli_ here).
+    Saves q, k, v, the probabilities and the dropout mask, as SDPA's math path does."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float) -> Tensor:
+        b, h, t, d = q.shape
+        probs = torch.empty(b, h, t, t, dtype=q.dtype, device=q.device)
+        keep, ctx.drop_scale = keep_mask((b, h, t, t), dropout_p, q.device) if dropout_p > 0 else (None, 1.0)
+        out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
+        for i in range(b):
+            masked = None if key_mask is None else ~key_mask[i, 0]  # (1, time)
+            for j in range(h):
+                s = _lp(q[i, j] * d ** -0.5, k[i, j].contiguous(), None)  # (queries, keys)
+                if masked is not None:
+                    s.masked_fill_(masked, float("-inf"))
+                p = probs[i, j]
+                torch.softmax(s, -1, out=p) if s.dtype == p.dtype else p.copy_(torch.softmax(s, -1))
+                if keep is not None:
+                    p = p * keep[i, j].to(p.dtype).mul_(ctx.drop_scale)
+                out[i, :, j] = _lp(p, v[i, j].t().contiguous(), None)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        return out.view(b, t, h * d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, probs, keep = ctx.saved_tensors
+        b, h, t, d = q.shape
+        grad = grad.view(b, t, h, d)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for i in range(b):
+            for j in range(h):
+                dy = grad[i, :, j].contiguous()  # (queries, head_dim)
+                p = probs[i, j]
+                m = None if keep is None else keep[i, j].to(p.dtype).mul_(ctx.drop_scale)  # dropout multiplier
+                dv[i, j] = _lp((p if m is None else p * m).t(), dy.t(), None)  # p^T dy
+                dp = _lp(dy, v[i, j].contiguous(), None)  # dy v^T: (queries, keys)
+                if m is not None:
+                    dp.mul_(m)
+                ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype) * d ** -0.5
+                kh, qh = k[i, j].contiguous(), q[i, j].contiguous()
+                dq[i, j] = _lp(ds, kh.t(), None)  # ds k
+                dk[i, j] = _lp(ds.t(), qh.t(), None)  # ds^T q
+        return dq, dk, dv, None, None
+
+
+# --------------------------------------------------------------------------- convolution
+def conv_time(x: Tensor, w4: Tensor, b: Tensor | None, *, stride: int = 1, padding: int = 0,
+              groups: int = 1, gelu: bool = False) -> Tensor:
+    """1-D convolution over time on channels-last data, as a 2-D convolution of height 1.
+
+    x: (batch, time, channels) -> (batch, time', out_channels); w4: (out, in/groups, 1, kernel),
+    best in ``torch.channels_last`` memory format. The result is contiguous (batch, time', out)."""
+    x4 = x.transpose(1, 2).unsqueeze(2)  # (batch, channels, 1, time): channels-last strides, no copy
+    if onednn_ok(x, w4, b) and not needs_grad(x, w4, b):
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x4, w4, b, [0, padding], [1, stride], [1, 1], groups, "gelu" if gelu else "none", [None],
+            "none" if gelu else "")
+    else:
+        y = F.conv2d(x4, w4, b, stride=(1, stride), padding=(0, padding), groups=groups)
+        if gelu:
+            y = F.gelu(y)
+    return y.squeeze(2).transpose(1, 2).contiguous()  # a no-op when the output is channels-last
+
+
+class _ConvTimeTrain(torch.autograd.Function):
+    """y = [gelu](conv(x)) over time for channels-last x (batch, time, in), w (out, in, kernel).
+
+    Forward: oneDNN's channels-last convolution. Backward: matrix products over chunks of output
+    frames, with GELU's derivative applied chunk by chunk; oneDNN's own channels-last convolution
+    backward is several times slower than its channels-first one, and chunks keep every temporary
+    small and in cache. The input gradient is written, not accumulated into zeros: chunks run last
+    to first, the taps j < stride of a chunk tile its frames, the taps j >= stride add on top."""
+
+    chunk = 512  # output frames per backward chunk
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, stride: int, gelu: bool) -> Tensor:
+        pre = conv_time(x, conv_weight_4d(w), b, stride=stride)
+        ctx.save_for_backward(x, w, pre if gelu else None)
+        ctx.stride, ctx.has_bias, ctx.gelu = stride, b is not None, gelu
+        return torch.ops.aten.gelu(pre) if gelu else pre
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w, pre = ctx.saved_tensors
+        s, (cout, cin, k), (bsz, t_in, _), t_out = ctx.stride, w.shape, x.shape, grad.shape[1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        w_cols = w.permute(2, 1, 0).reshape(k * cin, cout)  # (kernel*in, out): tap-major like the windows
+        dx = torch.empty_like(x) if need_x else None
+        if need_x:
+            dx[:, s * t_out:].zero_()  # frames no tap j < stride covers
+        gw = torch.zeros(cout, k * cin, dtype=torch.float32, device=x.device) if need_w else None
+        gb = torch.zeros(cout, dtype=torch.float32, device=x.device) if need_b and ctx.has_bias else None
+        for t0 in reversed(range(0, t_out, _ConvTimeTrain.chunk)):
+            n = min(_ConvTimeTrain.chunk, t_out - t0)
+            g = grad[:, t0: t0 + n]
+            if ctx.gelu:
+                g = torch.ops.aten.gelu_backward(g, pre[:, t0: t0 + n])
+            g = g.reshape(bsz * n, cout)  # (rows, out)
+            if gb is not None:
+                gb += g.sum(0, dtype=torch.float32)
+            if need_w:  # windows of k frames, stride s: (rows, kernel*in)
+                u = x[:, s * t0:].as_strided((bsz, n, k * cin), (t_in * cin, s * cin, 1)).reshape(bsz * n, k * cin)
+                gw += _lp(g.t(), u.t(), None).float()
+            if need_x:
+                du = _lp(g, w_cols, None).view(bsz, n, k, cin)
+                for j in sorted(range(k), key=lambda j: j >= s):  # col2im: taps j < s write, the rest add
+                    frames = dx[:, s * t0 + j: s * (t0 + n - 1) + j + 1: s]
+                    frames.copy_(du[:, :, j]) if j < s else frames.add_(du[:, :, j])
+        gw = gw.view(cout, k, cin).permute(0, 2, 1).to(w.dtype) if need_w else None
+        return dx, gw, None if gb is None else gb.to(grad.dtype), None, None
+
+
+def conv_time_train(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int, gelu: bool = False) -> Tensor:
+    """:func:`conv_time` (then GELU) with w (out, in, kernel), differentiable; for the feature encoder."""
+    if onednn_ok(x, w, b) and needs_grad(x, w, b):
+        return _ConvTimeTrain.apply(x, w, b, stride, gelu)
+    y = conv_time(x, conv_weight_4d(w), b, stride=stride)
+    return F.gelu(y) if gelu else y
+
+
+def conv_weight_4d(w: Tensor) -> Tensor:
+    """(out, in, kernel) -> (out, in, 1, kernel) in channels-last memory, for :func:`conv_time`."""
+    return w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
+def gelu_(x: Tensor) -> Tensor:
+    """In place when nothing needs the input for a gradient."""
+    if needs_grad(x):
+        return F.gelu(x)
+    return torch.ops.aten.gelu_(x)

@@ -1,0 +1,57 @@
+"""Numeric precision of a model's computation: ``"fp32"``, ``"bf16"``, or ``"auto"``.
+
+``"auto"`` picks bfloat16 where the hardware multiplies it natively (CUDA GPUs with bf16
+support; x86 CPUs with AMX-BF16 or AVX512-BF16) and float32 elsewhere. Parameters always stay
+float32 (state dicts and training are unaffected); in bfloat16 mode the model computes on
+bfloat16 copies of its weights, cached until the weights change.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def check_precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return name
+
+
+@functools.cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The bf16 matrix-multiply features this CPU reports in /proc/cpuinfo (empty when unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return tuple(f for f in CPU_BF16_FLAGS if f in flags)
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matrix products run natively (and so faster than float32) on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return (bool(cpu_bf16_flags()) and torch.backends.mkldnn.is_available()
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    return False
+
+
+def resolve(name: str, device: torch.device | str) -> torch.dtype:
+    """The compute dtype for precision ``name`` on ``device``."""
+    check_precision(name)
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return DTYPES[name]
