@@ -144,7 +144,7 @@ CRASHES = {
 def test_crash_at_each_step_of_a_save_then_resume_is_exact(where, audio, reference, tmp_path):
     name, body = CRASHES[where]
     calls = 3 if name != "_remove_dir" else 1  # the third save (the first deletion) crashes
-    inject = (f"import os\nimport w2v2.trainer as t\n{body}\n_real, _n = t.{name}, [0]\n"
+    inject = (f"import os\nimport w2v2.runs as t\n{body}\n_real, _n = t.{name}, [0]\n"
               f"def patched(*a, **k):\n    _n[0] += 1\n    return crash(*a, **k) if _n[0] == {calls} else _real(*a, **k)\n"
               f"t.{name} = patched")
     proc = pretrain_process(audio, tmp_path / "run", resume=False, inject=inject)

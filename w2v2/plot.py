@@ -167,26 +167,35 @@ def _num_negatives(ctx: PlotContext) -> int | None:
 
 @register("losses")
 def plot_losses(ctx: PlotContext):
-    """Loss components per masked frame, accuracy of the positive, learning rate and gradient norm."""
+    """Contrastive loss against chance, the weighted extra terms, accuracy of the positive,
+    learning rate and gradient norm."""
     if ctx.series("contrastive") is None:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    for key, label in (("loss", "total"), ("contrastive", "contrastive"), ("diversity", "diversity (weighted)"),
-                       ("penalty", "feature penalty (weighted)")):
-        _curve(ax, ctx, key, label)
-    ax.set(title="loss per masked frame", xlabel="update", yscale="log")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    _curve(ax, ctx, "accuracy", "accuracy", color="tab:green")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     k = _num_negatives(ctx)
+    ax = axes[0, 0]
+    _curve(ax, ctx, "loss", "total")
+    _curve(ax, ctx, "contrastive", "contrastive")
+    if k:
+        ax.axhline(np.log(k + 1), color="gray", ls="--", lw=1, label=f"chance ln({k + 1}) = {np.log(k + 1):.2f}")
+    ax.set(title="loss per masked frame", xlabel="update")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    drawn = [_curve(ax, ctx, key, label) for key, label in (("diversity", "diversity (weighted)"),
+                                                          ("penalty", "feature penalty (weighted)"))
+             if ctx.series(key) is not None and np.any(ctx.series(key)[1] != 0)]
+    ax.set(title="extra loss terms per masked frame", xlabel="update")
+    if drawn:
+        ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    _curve(ax, ctx, "accuracy", "accuracy", color="tab:green")
     if k:
         ax.axhline(1 / (k + 1), color="gray", ls="--", lw=1, label=f"chance 1/{k + 1}")
-    ax.set(title="positive picked among distractors", xlabel="update", ylim=(0, 1))
+    ax.set(title="positive picked among distractors", xlabel="update", ylim=(0, None))
     ax.legend(fontsize=8)
-    ax = axes[2]
+    ax = axes[1, 1]
     _curve(ax, ctx, "grad_norm", "gradient norm", color="tab:red")
-    ax.set(title="learning rate and gradient norm", xlabel="update", ylabel="gradient norm")
+    ax.set(title="learning rate and gradient norm", xlabel="update", ylabel="gradient norm", yscale="log")
     lr = ctx.series("lr")
     if lr is not None:
         twin = ax.twinx()
@@ -280,7 +289,7 @@ def plot_utterance(ctx: PlotContext):
     stride = model.config.frame_stride / 16000
     t = np.arange(len(wav)) / 16000
     ft = np.arange(frames) * stride
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(12, 5), sharex=True, height_ratios=(2, 1.3))
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(12, 5), sharex=True, height_ratios=(2, 1), layout="constrained")
     ax.plot(t, wav, lw=0.4, color="black")
     m = mask[0].numpy()
     for start, stop in _runs(m):
@@ -292,11 +301,12 @@ def plot_utterance(ctx: PlotContext):
     ax.set(title=f"{Path(name).name}: masked spans shaded ({m.mean():.0%} of frames), "
                  f"accuracy {correct.mean():.0%} on this utterance", ylabel="amplitude")
     ax.legend(loc="lower right", fontsize=8, markerscale=2)
-    for gi in range(idx.shape[1]):
-        bx.step(ft, idx[:, gi], where="post", lw=1, label=f"group {gi}")
-    bx.set(xlabel="time (s)", ylabel="codeword index", title="chosen codeword per frame (argmax)")
-    bx.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    groups, num_vars = idx.shape[1], model.quantizer.vars
+    image = bx.imshow(idx.T, aspect="auto", interpolation="nearest", cmap="nipy_spectral", vmin=0,
+                      vmax=num_vars - 1, extent=(0, frames * stride, groups - 0.5, -0.5))
+    bx.set(xlabel="time (s)", yticks=range(groups), yticklabels=[f"group {g}" for g in range(groups)],
+           title="chosen codeword per frame (argmax; colour = codeword index)")
+    fig.colorbar(image, ax=[ax, bx], pad=0.01, fraction=0.03, label="codeword index")
     return fig
 
 
