@@ -221,9 +221,27 @@ def test_cli_skip_existing(tiny_model_dir, short_clips, tmp_path, capsys):
     assert first.stat().st_mtime_ns == stamps[first]
 
 
+def test_without_a_default_model_the_error_says_how_to_pass_one(short_clips, tmp_path, monkeypatch, capsys):
+    import w2v2.checkpoint
+
+    monkeypatch.setattr(w2v2.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    assert cli(short_clips[0]) == 1
+    err = capsys.readouterr().err
+    assert "no default model" in err and "--model" in err
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "w2v2/assets/default_model/config.json").exists(),
+                    reason="no default model embedded in this checkout")
+def test_default_model_transcribes_real_speech_and_says_what_it_is(short_clips, tmp_path, capsys):
+    assert cli(short_clips[0], "-o", tmp_path, "-f", "json") == 0
+    err = capsys.readouterr().err
+    assert "default model" in err and "--model" in err  # its accuracy and how to pick a better one
+    result = json.loads((tmp_path / f"{Path(short_clips[0]).stem}.json").read_text())
+    assert result["model"]["name"] == "default" and result["text"].strip()  # it says something, in letters
+    assert set(result["text"]) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+
+
 def test_cli_usage_errors(tiny_model_dir, short_clips, tmp_path, capsys):
-    assert cli(short_clips[0]) == 1  # no default model embedded yet
-    assert "--model" in capsys.readouterr().err
     assert cli(short_clips[0], "--model", tiny_model_dir, "-f", "all") == 1
     assert "--output-dir" in capsys.readouterr().err
     assert cli(short_clips[0], "--model", tiny_model_dir, "--skip-existing") == 1

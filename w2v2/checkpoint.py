@@ -32,6 +32,19 @@ LIBRISPEECH_LETTERS = ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O",
                        "L", "U", "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z")
 
 
+DEFAULT_MODEL_CARD = "w2v2_default.json"  # in DEFAULT_MODEL_DIR: what the model is and how well it does
+
+
+def default_model_notice() -> str | None:
+    """One line for users of the embedded default model: what it is and how accurate it is (from
+    its model card), or None when no default model is embedded."""
+    try:
+        card = json.loads((DEFAULT_MODEL_DIR / DEFAULT_MODEL_CARD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return card.get("notice")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 from ._shared import add_model_arguments, add_output_arguments, check_output_arguments, emit
@@ -33,6 +34,11 @@ def run(args: argparse.Namespace) -> int:
         max_segment_seconds=args.max_segment_seconds, pause_seconds=args.pause_seconds,
     )
     model = load_model(args.model, device=resolve_device(args.device))
+    if args.model is None:
+        from ..checkpoint import default_model_notice
+        notice = default_model_notice()
+        if notice:
+            print(notice, file=sys.stderr)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
     with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp:
         audio = str(download_url(args.audio, tmp)) if is_url(args.audio) else args.audio

@@ -61,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         max_segment_seconds=args.max_segment_seconds, pause_seconds=args.pause_seconds,
     )
     model = load_model(args.model, device=resolve_device(args.device))
+    if args.model is None:
+        from ..checkpoint import default_model_notice
+        notice = default_model_notice()
+        if notice:
+            print(notice, file=sys.stderr)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
     durations = [None if i == "-" or is_url(i) else _duration(audio_duration, i) for i in inputs]
     total = None if None in durations else sum(durations)
