@@ -1,8 +1,11 @@
 """One training update (forward + backward + AdamW step) of w2v2 against transformers on the same
 weights and batch: CTC fine-tuning against Wav2Vec2ForCTC, pretraining against Wav2Vec2ForPreTraining.
 
-    python benchmarks/train_step.py           # CTC: BASE 2 x 10 s, `small` 8 x 4 s; pretraining: BASE 2 x 10 s
+    python benchmarks/train_step.py           # CTC and pretraining: BASE 2 x 10 s, `small` 8 x 4 s
     python benchmarks/train_step.py --quick   # one timed step per variant
+    python benchmarks/train_step.py --cases pretrain-base pretrain-small   # pretraining only
+
+(benchmarks/pretrain.py times the pretraining cases one variant per process and adds peak memory.)
 
 Both models train everything (feature encoder included; --freeze-feature-encoder freezes it in
 both), with the preset's dropouts, no layerdrop and no SpecAugment so that both do the same work.
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 import harness
 
-CASES = (("base", 2, 10.0), ("small", 8, 4.0), ("pretrain-base", 2, 10.0))
+CASES = (("base", 2, 10.0), ("small", 8, 4.0), ("pretrain-base", 2, 10.0), ("pretrain-small", 8, 4.0))
 
 
 def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -59,8 +62,21 @@ def steps(hf, ours, x: torch.Tensor, targets: torch.Tensor):
     return {"tf fp32": tf(False), "ours fp32": ours_("fp32"), "tf bf16": tf(True), "ours bf16": ours_("bf16")}
 
 
+def model_pair(name: str, preset: str | None = None):
+    """(transformers, ours) for case ``name`` on the same random weights, in train mode, without
+    layerdrop; ``preset`` overrides the case's preset (e.g. "tiny" for a dry run)."""
+    pretrain = name.startswith("pretrain-")
+    with tempfile.TemporaryDirectory() as tmp:
+        # a pretraining model needs mask_time_prob > 0 to own its mask embedding; the mask itself is ours
+        cfg = harness.hf_config(preset or name.removeprefix("pretrain-"), layerdrop=0.0,
+                                **({"mask_time_prob": 0.05} if pretrain else {}))
+        hf, ours = harness.model_pair(tmp, cfg, head="Wav2Vec2ForPreTraining" if pretrain else "Wav2Vec2ForCTC")
+    return hf.train(), ours.train()
+
+
 def pretrain_steps(hf, ours, x: torch.Tensor):
-    """name -> one pretraining update: same mask (p=0.65, length 10) and negatives for both."""
+    """name -> one pretraining update: same mask (p=0.65, length 10) and negatives for both.
+    The models and ``x`` must be on the same device (autocast follows ``x.device``)."""
     from w2v2.masking import compute_mask_indices, sample_negatives
     from w2v2.pretrain import PretrainConfig, pretraining_step
 
@@ -71,6 +87,7 @@ def pretrain_steps(hf, ours, x: torch.Tensor):
     negatives = sample_negatives(mask, cfg.num_negatives, generator=g)  # (batch, masked, K)
     hf_neg = torch.zeros(b, frames, cfg.num_negatives, dtype=torch.long)
     hf_neg[mask] = (negatives + frames * torch.arange(b)[:, None, None]).view(-1, cfg.num_negatives)
+    mask, negatives, hf_neg = mask.to(x.device), negatives.to(x.device), hf_neg.to(x.device)
     ours.feature_grad_scale = cfg.feature_grad_scale
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
@@ -78,7 +95,7 @@ def pretrain_steps(hf, ours, x: torch.Tensor):
     def tf(bf16: bool):
         def step():
             opt_hf.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
                 loss = hf(xn, mask_time_indices=mask, sampled_negative_indices=hf_neg).loss
             loss.backward()
             opt_hf.step()
@@ -95,14 +112,20 @@ def pretrain_steps(hf, ours, x: torch.Tensor):
     return {"tf fp32": tf(False), "ours fp32": ours_("fp32"), "tf bf16": tf(True), "ours bf16": ours_("bf16")}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, cases=CASES) -> argparse.ArgumentParser:
+    """The options the training-update benchmarks share: --quick, --repeats, --threads, --clock, --cases."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one timed step per variant")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
-    p.add_argument("--cases", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
+    p.add_argument("--cases", nargs="+", default=[c[0] for c in cases], choices=[c[0] for c in cases])
+    return p
+
+
+def main() -> None:
+    p = parser(__doc__)
     p.add_argument("--freeze-feature-encoder", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,11 +136,7 @@ def main() -> None:
         if name not in args.cases:
             continue
         pretrain = name.startswith("pretrain-")
-        with tempfile.TemporaryDirectory() as tmp:
-            # a pretraining model needs mask_time_prob > 0 to own its mask embedding; the mask itself is ours
-            cfg = harness.hf_config(name.removeprefix("pretrain-"), layerdrop=0.0, **({"mask_time_prob": 0.05} if pretrain else {}))
-            hf, ours = harness.model_pair(tmp, cfg, head="Wav2Vec2ForPreTraining" if pretrain else "Wav2Vec2ForCTC")
-        hf.train(), ours.train()
+        hf, ours = model_pair(name)
         if args.freeze_feature_encoder:
             hf.freeze_feature_encoder()
             ours.feature_grad_scale = 0.0
