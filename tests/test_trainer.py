@@ -87,6 +87,38 @@ def test_config_round_trip_and_errors():
 
 
 # ---------------------------------------------------------------------------- resumption
+def test_time_clock_schedule_spreads_over_the_budget_and_survives_resume(tmp_path, monkeypatch):
+    """--schedule-clock time: the learning rate follows the fraction of max_minutes spent (resumes
+    included), and training stops when the budget is spent, whatever max_updates says."""
+    import w2v2.trainer as trainer_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(trainer_mod.time, "monotonic", lambda: now[0])
+
+    def tick(trainer, row):  # every update takes 6 "seconds": 10 updates per minute
+        now[0] += 6.0
+
+    cfg = config(schedule="polynomial", warmup_updates=0, max_updates=1000, max_minutes=1.0,
+                 schedule_clock="time", save_interval=4)
+    entries = clips(tmp_path)
+
+    def interrupt(trainer, row):
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    first = Trainer(model(), frame_loss, factory(entries), cfg, run, hooks=[tick, interrupt]).train()
+    assert first["step"] == 4 and first["stopped_early"]
+    now[0] += 3600.0  # time between the two invocations does not count
+    second = Trainer(model(), frame_loss, factory(entries), cfg, run, hooks=[tick]).train(resume=True)
+    assert second["step"] == 10  # 60 s of training in all, at 6 s per update
+    lrs = [r["lr"] for r in read_metrics(run)]
+    expected = [get_lr(int(0.1 * i * 1000), cfg) for i in range(10)]  # fraction i/10 of the budget spent
+    assert lrs == pytest.approx(expected)
+    with pytest.raises(ValueError, match="max_minutes"):
+        config(schedule_clock="time")
+
+
 def test_resume_is_exact(tmp_path):
     """6 updates straight == 3, interrupted by SIGINT, + resume + 3: identical weights."""
     entries = clips(tmp_path)
