@@ -237,7 +237,7 @@ def test_default_model_transcribes_real_speech_and_says_what_it_is(short_clips, 
     err = capsys.readouterr().err
     assert "default model" in err and "--model" in err  # its accuracy and how to pick a better one
     result = json.loads((tmp_path / f"{Path(short_clips[0]).stem}.json").read_text())
-    assert result["model"]["name"] == "default" and result["text"].strip()  # it says something, in letters
+    assert result["metadata"]["model"]["name"] == "default" and result["text"].strip()  # it says something, in letters
     assert set(result["text"]) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
 
 
