@@ -99,6 +99,31 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # temporaries cleaned up
 
 
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_cleanly(audio, tmp_path):
+    """A scheduler's `kill -TERM -PGID` reaches the DataLoader workers too: they must keep serving
+    so that the trainer finishes its update, saves and exits 0 (it once died with "DataLoader
+    worker killed by signal: Terminated")."""
+    run = tmp_path / "run"
+    argv = ["pretrain", str(audio), "--out", str(run), *PRETRAIN, "--max-updates", "100000", "--num-workers", "2"]
+    code = f"import sys\nfrom w2v2.cli import main\nsys.exit(main({argv!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "Terminated" not in err and "error" not in err.lower(), err
+    assert_intact(run)
+    assert last_checkpoint(run).name == f"checkpoint_{len(read_metrics(run)):07d}"
+
+
 # ---------------------------------------------------------------------------- kill -9
 def test_kill_9_at_a_random_moment_then_resume_is_exact(audio, reference, tmp_path):
     """Killed (SIGKILL) once a checkpoint exists, at a random time (a checkpoint is saved after

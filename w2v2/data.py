@@ -355,9 +355,11 @@ class BucketBatchSampler(Sampler):
 
 
 def _worker_init(_: int) -> None:
-    # Ctrl-C goes to the whole process group: workers keep serving so the trainer can finish
-    # its update and save; the main process shuts them down.
+    # Ctrl-C (and `kill -TERM -PGID`, e.g. from a job scheduler) goes to the whole process group:
+    # workers keep serving so the trainer can finish its update and save; the main process shuts
+    # them down (and PyTorch's watchdog ends them if the main process dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader_factory(dataset: Dataset, sampler: BucketBatchSampler, collate: Callable[[list], dict],
