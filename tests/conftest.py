@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+
+
+def _find_data() -> Path:
+    """The shared real-speech folder: $W2V2_TEST_DATA, else ../shared/data beside the checkout,
+    else the workplace's /work/shared/data (a clone elsewhere still finds it)."""
+    for candidate in (os.environ.get("W2V2_TEST_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return ROOT.parent / "shared" / "data"
+
+
+DATA = _find_data()
 
 
 def read_manifest(folder: Path) -> list[dict]:

@@ -29,7 +29,8 @@ from w2v2.audio import (
     to_mono,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import DATA
+
 RATES = [8000, 11025, 16000, 22050, 44100, 48000]
 
 
