@@ -241,6 +241,17 @@ def test_default_model_transcribes_real_speech_and_says_what_it_is(short_clips, 
     assert set(result["text"]) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
 
 
+def test_closed_stdout_is_a_quiet_exit_not_an_error(tiny_model_dir, short_clips):
+    """`w2v2 transcribe clip -f json | head -c 10`: the reader goes away; no 'internal error'."""
+    proc = subprocess.Popen([sys.executable, "-m", "w2v2", "transcribe", str(short_clips[0]), "--model",
+                             str(tiny_model_dir), "-f", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()  # before the command has written anything (loading takes longer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "error" not in err.lower(), err
+
+
 def test_cli_usage_errors(tiny_model_dir, short_clips, tmp_path, capsys):
     assert cli(short_clips[0], "--model", tiny_model_dir, "-f", "all") == 1
     assert "--output-dir" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> module under w2v2.commands (and its one-line help, shown without importing it)
@@ -69,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `w2v2 align ... | head`: the reader has gone, as with any Unix tool
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):  # stdout replaced (tests) or already closed
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
     except Exception as e:  # user errors become one line; --debug shows the traceback
         if sub_args.debug:
             raise
