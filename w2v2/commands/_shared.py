@@ -24,6 +24,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="context on each side of a chunk, dropped after the model")
 
 
+def load_cli_model(args: argparse.Namespace):
+    """The model of --model on --device; the embedded default when none is named, with a line on
+    stderr saying what that model is and how accurate (its model card)."""
+    from ..checkpoint import default_model_notice, load_model
+    from ..emissions import resolve_device
+
+    model = load_model(args.model, device=resolve_device(args.device))
+    notice = default_model_notice() if args.model is None else None
+    if notice:
+        print(notice, file=sys.stderr)
+    return model
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, default_format: str) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--format", "-f", choices=[*WRITERS, "all"], default=default_format,

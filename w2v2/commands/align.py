@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-from ._shared import add_model_arguments, add_output_arguments, check_output_arguments, emit
+from ._shared import add_model_arguments, add_output_arguments, check_output_arguments, emit, load_cli_model
 
 HELP = "word timestamps for a known transcript (CTC forced alignment)"
 
@@ -22,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..audio import download_url, is_url
-    from ..checkpoint import load_model
-    from ..emissions import resolve_device
     from ..transcribe import TranscribeOptions, Transcriber
 
     check_output_arguments(args)
@@ -33,12 +30,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, precision=args.precision, max_segment_chars=args.max_segment_chars,
         max_segment_seconds=args.max_segment_seconds, pause_seconds=args.pause_seconds,
     )
-    model = load_model(args.model, device=resolve_device(args.device))
-    if args.model is None:
-        from ..checkpoint import default_model_notice
-        notice = default_model_notice()
-        if notice:
-            print(notice, file=sys.stderr)
+    model = load_cli_model(args)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
     with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp:
         audio = str(download_url(args.audio, tmp)) if is_url(args.audio) else args.audio

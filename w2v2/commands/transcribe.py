@@ -10,7 +10,8 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._shared import add_model_arguments, add_output_arguments, check_output_arguments, emit, failure_line
+from ._shared import (add_model_arguments, add_output_arguments, check_output_arguments, emit, failure_line,
+                      load_cli_model)
 
 HELP = "transcribe audio and video files of any length, with word timestamps"
 
@@ -32,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..audio import audio_duration, is_url, list_audio_files
-    from ..checkpoint import load_model
-    from ..emissions import resolve_device
     from ..transcribe import TranscribeOptions, Transcriber
 
     check_output_arguments(args)
@@ -60,12 +59,7 @@ def run(args: argparse.Namespace) -> int:
         beam_width=args.beam_width, max_segment_chars=args.max_segment_chars,
         max_segment_seconds=args.max_segment_seconds, pause_seconds=args.pause_seconds,
     )
-    model = load_model(args.model, device=resolve_device(args.device))
-    if args.model is None:
-        from ..checkpoint import default_model_notice
-        notice = default_model_notice()
-        if notice:
-            print(notice, file=sys.stderr)
+    model = load_cli_model(args)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
     durations = [None if i == "-" or is_url(i) else _duration(audio_duration, i) for i in inputs]
     total = None if None in durations else sum(durations)
