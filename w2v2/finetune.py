@@ -97,8 +97,9 @@ def init_model(spec: str, vocab: Vocabulary, **regularisation) -> Wav2Vec2:
     """The model to fine-tune, with a CTC head for ``vocab``.
 
     ``spec``: ``random:PRESET`` (tiny, small, base, large) or ``random:CONFIG.json`` (a
-    ``config.json`` with Hugging Face field names), randomly initialised, for from-scratch training, or anything :func:`w2v2.load_model` takes (our run and checkpoint
-    dirs, Hugging Face dirs and hub ids, fairseq ``.pt``). A head is kept only when the source
+    ``config.json`` with Hugging Face field names), randomly initialised, for from-scratch
+    training; or anything :func:`w2v2.load_model` takes (our run and checkpoint dirs, Hugging
+    Face dirs and hub ids, fairseq ``.pt``). A head is kept only when the source
     model already has one for exactly this vocabulary. ``regularisation``: ModelConfig
     overrides among ``REGULARISATION`` (None values are ignored)."""
     overrides = {k: v for k, v in regularisation.items() if v is not None}
@@ -305,7 +306,7 @@ class Validator:
         _write_valid_csv(self.run_dir, rows)
 
     def __call__(self, trainer, row: dict) -> None:
-        if not self._started and trainer.info.is_main:
+        if not self._started and trainer.info.is_main:  # drop rows a resumed run will redo, at once
             self._start(trainer.extra_state.get("last_valid", 0))
         step = trainer.step
         due = (step % self.cfg.valid_interval == 0 or step >= self.max_updates) and not row["skipped"]

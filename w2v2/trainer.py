@@ -273,8 +273,7 @@ class Trainer:
         self._stop_local = False  # this rank wants to stop (signal, time limit)
         self._stop_agreed = False  # every rank stops after this update
         self._started = time.monotonic()
-        self.train_seconds = 0.0  # training time of the whole run (resumes included)
-        self._train_seconds_at_start = 0.0
+        self._seconds_before = 0.0  # training time of the run's earlier invocations (from the checkpoint)
         self._resumed_from: Path | None = None
         self._iter = None
         self._metrics: MetricLog | None = None
@@ -431,7 +430,7 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped = state["batches_in_epoch"], state["skipped"]
         self.extra_state = json.loads(state.get("extra", "{}"))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self._seconds_before = float(state.get("train_seconds", 0.0))
         if "loss_fn" in state and hasattr(self.loss_fn, "load_state_dict"):
             self.loss_fn.load_state_dict(state["loss_fn"])
         set_rng_state(state["rng"])
@@ -527,7 +526,6 @@ class Trainer:
             self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
         bar = self._progress_bar()
         self._started = time.monotonic()
-        self._train_seconds_at_start = self.train_seconds
         stopped_early = False
         try:
             with self._signals():
@@ -561,7 +559,7 @@ class Trainer:
 
     def _elapsed_total(self) -> float:
         """Training seconds of the whole run so far (earlier invocations included)."""
-        return self._train_seconds_at_start + time.monotonic() - self._started
+        return self._seconds_before + time.monotonic() - self._started
 
     def _time_schedule_done(self) -> bool:
         return self.cfg.schedule_clock == "time" and self._elapsed_total() >= 60 * self.cfg.max_minutes
