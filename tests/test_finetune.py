@@ -37,6 +37,17 @@ def loader_for(entries, vocab, max_tokens=10**7):
     return data.make_loader_factory(ds, sampler, CTCCollate(vocab))
 
 
+def tiny_setup(manifest, grad_scale: float = 0.0, seed: int | None = 0):
+    """(entries, vocabulary, random `tiny` CTC model with its feature encoder frozen or scaled)."""
+    entries = data.list_entries([manifest])
+    vocab = build_vocabulary([e.text for e in entries])
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = init_model("random:tiny", vocab)
+    freeze_feature_encoder(model, grad_scale)
+    return entries, vocab, model
+
+
 def train_config(**kw):
     base = dict(lr=3e-3, schedule="constant", warmup_updates=5, max_updates=5, progress=False, device="cpu",
                 save_interval=10**6, log_interval=10**6, weight_decay=0.0, seed=0)
@@ -89,11 +100,7 @@ def test_tri_stage_schedule_of_the_cli_defaults():
 
 # ---------------------------------------------------------------------------- freezing
 def test_transformer_frozen_for_n_updates_then_trains(tmp_path, short_manifest):
-    entries = data.list_entries([short_manifest])
-    vocab = build_vocabulary([e.text for e in entries])
-    torch.manual_seed(0)
-    model = init_model("random:tiny", vocab)
-    freeze_feature_encoder(model)
+    entries, vocab, model = tiny_setup(short_manifest)
     parts = {"features": list(model.feature_extractor.parameters()), "transformer": transformer_parameters(model),
              "head": list(model.lm_head.parameters())}
     snap = lambda: {k: [p.detach().clone() for p in ps] for k, ps in parts.items()}  # noqa: E731
@@ -136,11 +143,7 @@ def test_masks_reach_the_transformer_input():
 
 # ---------------------------------------------------------------------------- learning
 def test_tiny_model_overfits_short_real_utterances(tmp_path, short_manifest):
-    entries = data.list_entries([short_manifest])
-    vocab = build_vocabulary([e.text for e in entries])
-    torch.manual_seed(0)
-    model = init_model("random:tiny", vocab)
-    freeze_feature_encoder(model)
+    entries, vocab, model = tiny_setup(short_manifest)
     cfg = FinetuneConfig(mask_prob=0.0, mask_channel_prob=0.0)
     trainer = Trainer(model, CTCFinetuneLoss(model, vocab, cfg), loader_for(entries, vocab),
                       train_config(max_updates=30), tmp_path / "run")
@@ -151,10 +154,7 @@ def test_tiny_model_overfits_short_real_utterances(tmp_path, short_manifest):
 
 
 def test_bf16_autocast_fine_tuning_step(tmp_path, short_manifest):
-    entries = data.list_entries([short_manifest])
-    vocab = build_vocabulary([e.text for e in entries])
-    model = init_model("random:tiny", vocab)
-    freeze_feature_encoder(model)
+    entries, vocab, model = tiny_setup(short_manifest, seed=None)
     Trainer(model, CTCFinetuneLoss(model, vocab, FinetuneConfig()), loader_for(entries, vocab),
             train_config(max_updates=2, precision="bf16"), tmp_path / "run").train()
     rows = read_metrics(tmp_path / "run")
@@ -221,11 +221,7 @@ def test_tiny_model_learns_to_transcribe_short_real_utterances(tmp_path, short_m
     from w2v2.audio import load_audio
     from w2v2.finetune import validate
 
-    entries = data.list_entries([short_manifest])
-    vocab = build_vocabulary([e.text for e in entries])
-    torch.manual_seed(0)
-    model = init_model("random:tiny", vocab)
-    freeze_feature_encoder(model, 1.0)
+    entries, vocab, model = tiny_setup(short_manifest, grad_scale=1.0)
     cfg = FinetuneConfig(mask_prob=0.0, mask_channel_prob=0.0)
     Trainer(model, CTCFinetuneLoss(model, vocab, cfg), loader_for(entries, vocab),
             train_config(max_updates=300), tmp_path / "run").train()
