@@ -7,8 +7,10 @@ weights and batch: CTC fine-tuning against Wav2Vec2ForCTC, pretraining against W
 
 (benchmarks/pretrain.py times the pretraining cases one variant per process and adds peak memory.)
 
-Both models train everything (feature encoder included; --freeze-feature-encoder freezes it in
-both), with the preset's dropouts, no layerdrop and no SpecAugment so that both do the same work.
+CTC cases run twice: with the feature encoder frozen in both models (the fine-tuning recipe:
+fairseq's feature_grad_mult 0, transformers' freeze_feature_encoder(), our default) and with
+everything trained (``--encoder frozen|trained`` picks one). The preset's dropouts, no layerdrop
+and no SpecAugment, so that both do the same work.
 The CTC loss is the same function of the logits for both; pretraining uses each library's own
 objective with the same mask and negatives (100 per masked frame). bf16 means ``torch.autocast`` for
 transformers and ``set_precision("bf16")`` for ours (float32 master weights in both).
@@ -126,40 +128,52 @@ def parser(doc: str, cases=CASES) -> argparse.ArgumentParser:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--freeze-feature-encoder", action="store_true")
+    p.add_argument("--encoder", nargs="+", choices=("frozen", "trained"), default=["frozen", "trained"],
+                   help="CTC cases: feature encoder frozen (the fine-tuning recipe) and/or trained")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     load_before = harness.load_average()
+    peak = harness.matmul_peak(clock=args.clock)
     rows = []
     for name, batch, seconds in CASES:
         if name not in args.cases:
             continue
         pretrain = name.startswith("pretrain-")
-        hf, ours = model_pair(name)
-        if args.freeze_feature_encoder:
-            hf.freeze_feature_encoder()
-            ours.feature_grad_scale = 0.0
-            ours.feature_extractor.requires_grad_(False)
-        x = harness.speech(seconds, batch)
-        frames = harness.conv_frames(ours.config, x.shape[1])[-1]
-        targets = torch.randint(1, ours.config.vocab_size or 32, (batch, frames // 4), generator=torch.Generator().manual_seed(0))
-        fns = pretrain_steps(hf, ours, x) if pretrain else steps(hf, ours, x, targets)
-        times = harness.interleaved(fns, repeats, warmup=1, clock=args.clock)
-        flops = 3 * batch * sum(harness.forward_flops(ours.config, x.shape[1]).values())  # backward ~ 2x forward
-        for prec in ("fp32", "bf16"):
-            t_tf, t_ours = times[f"tf {prec}"], times[f"ours {prec}"]
-            rows.append([f"{'pretraining ' + name.removeprefix('pretrain-') if pretrain else 'CTC ' + name} "
-                         f"{batch} x {seconds:g} s", prec, f"{t_tf:.3f}", f"{t_ours:.3f}",
-                         f"{t_tf / t_ours:.2f}x", f"{times['tf fp32'] / t_ours:.2f}x",
-                         f"{flops / t_tf / 1e9:.0f}", f"{flops / t_ours / 1e9:.0f}"])
+        for encoder in ["trained"] if pretrain else args.encoder:
+            hf, ours = model_pair(name)
+            if encoder == "frozen":
+                hf.freeze_feature_encoder()
+                ours.feature_grad_scale = 0.0
+                ours.feature_extractor.requires_grad_(False)
+            x = harness.speech(seconds, batch)
+            frames = harness.conv_frames(ours.config, x.shape[1])[-1]
+            targets = torch.randint(1, ours.config.vocab_size or 32, (batch, frames // 4),
+                                    generator=torch.Generator().manual_seed(0))
+            fns = pretrain_steps(hf, ours, x) if pretrain else steps(hf, ours, x, targets)
+            times = harness.interleaved(fns, repeats, warmup=1, clock=args.clock)
+            # model FLOPs of the update: forward, and twice the forward for what the backward reaches
+            fwd = harness.forward_flops(ours.config, x.shape[1])
+            trained = sum(fwd.values()) - (fwd["feature encoder"] if encoder == "frozen" else 0)
+            flops = batch * (sum(fwd.values()) + 2 * trained)
+            label = f"pretraining {name.removeprefix('pretrain-')}" if pretrain else f"CTC {name}, encoder {encoder}"
+            for prec in ("fp32", "bf16"):
+                t_tf, t_ours = times[f"tf {prec}"], times[f"ours {prec}"]
+                g_tf, g_ours = flops / t_tf / 1e9, flops / t_ours / 1e9
+                rows.append([f"{label}, {batch} x {seconds:g} s", prec, f"{t_tf:.3f}", f"{t_ours:.3f}",
+                             f"{t_tf / t_ours:.2f}x", f"{times['tf fp32'] / t_ours:.2f}x",
+                             f"{g_tf:.0f} ({100 * g_tf / peak[prec]:.0f}%)", f"{g_ours:.0f} ({100 * g_ours / peak[prec]:.0f}%)"])
     print("# w2v2 training update (forward + backward + AdamW) vs transformers Wav2Vec2ForCTC / Wav2Vec2ForPreTraining")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
-          f"clock {args.clock}, repeats {repeats}, feature encoder {'frozen' if args.freeze_feature_encoder else 'trained'}")
+          f"clock {args.clock}, repeats {repeats}")
+    print(f"matmul peak (2048^3, best of): fp32 {peak['fp32']:.0f} GFLOP/s [{peak['fp32 detail']}], "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s [{peak['bf16 detail']}]")
+    print("GFLOP/s: model FLOPs of the update (matrix products and convolutions; backward = 2x the forward "
+          "of what it reaches) per second, and that as a share of the matmul peak")
     print(f"load average before/after: {load_before} / {harness.load_average()}\n")
     print(harness.markdown_table(
-        ["batch", "precision", "transformers s/step", "ours s/step", "speedup", "ours vs tf fp32",
-         "tf ≈GFLOP/s", "ours ≈GFLOP/s"], rows))
+        ["update", "precision", "transformers s/step", "ours s/step", "speedup", "ours vs tf fp32",
+         "tf GFLOP/s (% peak)", "ours GFLOP/s (% peak)"], rows))
 
 
 if __name__ == "__main__":

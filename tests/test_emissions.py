@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import longest_clip, tiny_ctc_model
+from w2v2 import emissions as emissions_module
 from w2v2.audio import SAMPLE_RATE, load_audio
 from w2v2.emissions import (
     ChunkPlan,
@@ -185,20 +186,28 @@ def test_model_errors_are_raised_not_blamed_on_an_input(speech, monkeypatch):
 # ---------------------------------------------------------------- precision
 
 
-def test_precision_resolution_and_bf16_autocast(speech):
+def test_precision_resolution_and_the_models_bf16_path(speech, monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_precision(cpu, "auto") == "fp32"
+    assert resolve_precision(cpu, "fp32") == "fp32"
     assert resolve_precision(cpu, "bf16") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision(cpu, "fp8")
-    with precision_context(cpu, "bf16"):
-        assert torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(emissions_module, "fast_bf16", lambda device: True)
+    assert resolve_precision(cpu, "auto") == "bf16"
+    monkeypatch.setattr(emissions_module, "fast_bf16", lambda device: False)
+    assert resolve_precision(cpu, "auto") == "fp32"
+
     model = tiny_ctc_model(LETTERS)
+    with precision_context(model, "bf16"):
+        assert model.compute_dtype == torch.bfloat16
+    assert model.precision == "fp32"  # restored
     plan = plan_chunks(4.0, 1.0, model.config)
     ((_, em),) = compute_emissions(model, [(0, speech[:64000])], plan, precision="bf16")
+    assert model.precision == "fp32"
     ref = single_pass(model, speech[:64000])
     assert em.frames == ref.shape[0]
-    assert (em.best_log_prob - ref.max(-1).values).abs().max() < 0.1  # bf16 keeps 8 bits of mantissa
+    err = (em.best_log_prob - ref.max(-1).values).abs().max()
+    assert 0 < err < 0.1  # computed in bf16 (8 bits of mantissa), not float32
 
 
 # ---------------------------------------------------------------- GPU (skipped without one)

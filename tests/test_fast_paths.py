@@ -205,3 +205,29 @@ def test_inference_attention_equals_sdpa(per_head_from, dtype, tol):
     with torch.inference_mode():
         out = kernels.attention(q, k, v, key_mask, block=128, per_head_from=per_head_from)
     assert max_diff(out.double(), ref.transpose(1, 2).reshape(2, t, 64)) <= tol
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_attention_gradients_with_dropout(padded, monkeypatch):
+    """_AttentionTrain (head by head, dropout on the probabilities) equals the textbook formula in
+    float64 with the same dropout mask, output and q/k/v gradients."""
+    torch.manual_seed(0)
+    b, h, t, d = 2, 3, 37, 8
+    keep = torch.rand(b, h, t, t) > 0.2
+    monkeypatch.setattr(kernels, "keep_mask", lambda shape, p, device: (keep, 1 / 0.8))
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    key_mask = (torch.arange(t)[None] < torch.tensor([t, 20])[:, None])[:, None, None, :] if padded else None
+    out = kernels.attention(q, k, v, key_mask, dropout_p=0.2)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = q2 @ k2.transpose(-1, -2) / d ** 0.5
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask, float("-inf"))
+    ref = (torch.softmax(s, -1) * keep / 0.8) @ v2
+    ref = ref.transpose(1, 2).reshape(b, t, h * d)
+    ref_grads = torch.autograd.grad(ref, (q2, k2, v2), g.double())
+    assert max_diff(out.double(), ref) < 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert max_diff(got.double(), want) < 1e-4 * (1 + want.abs().max().item())

@@ -25,6 +25,7 @@ from tests.test_writers import parse_cues
 from w2v2.audio import SAMPLE_RATE, ffmpeg_exe, load_audio
 from w2v2.checkpoint import load_model
 from w2v2.cli import main
+from w2v2.precision import fast_bf16
 from w2v2.text import normalize_text
 from w2v2.transcribe import TranscribeOptions, align, transcribe
 
@@ -87,7 +88,8 @@ def test_transcribe_api_long_audio(model, long_clip):
     check_result(result, float(row["seconds"]) + 0.01)
     meta = result["metadata"]
     assert meta["model"]["name"] == "tiny-test" and meta["options"]["chunk_seconds"] == 4
-    assert meta["options"]["device"] == "cpu" and meta["options"]["precision"] == "fp32"
+    auto = "bf16" if fast_bf16("cpu") else "fp32"  # "auto": the fast path where the CPU has native bf16
+    assert meta["options"]["device"] == "cpu" and meta["options"]["precision"] == auto
     assert meta["decoder"] == "greedy"
     assert all(s["end"] - s["start"] <= 3 for s in result["segments"] if len(s["words"]) > 1)
     # an array input at 16 kHz gives the same result as the file

@@ -42,8 +42,7 @@ from .audio import SAMPLE_RATE, AudioError, stream_audio
 from .config import ModelConfig
 from .model import Wav2Vec2
 from .modules import conv_output_lengths
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from .precision import PRECISIONS, fast_bf16
 
 
 # --------------------------------------------------------------------------- geometry
@@ -139,24 +138,26 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` -> ``bf16`` on a CUDA GPU that supports it, else ``fp32``; others unchanged."""
+    """``auto`` -> ``bf16`` where the hardware multiplies bfloat16 natively (CUDA GPUs with bf16,
+    CPUs with AMX-BF16 or AVX512-BF16: :func:`w2v2.precision.fast_bf16`), else ``fp32``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if fast_bf16(device) else "fp32"
     return precision
 
 
-def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The one place that sets the inference precision.
-
-    ``fp32``: full precision. ``bf16``: ``torch.autocast`` to bfloat16 (matrix products and
-    convolutions; norms and softmax stay float32). When the model grows its own precision
-    switch (branch ``speed``), only this function changes.
-    """
-    if resolve_precision(device, precision) == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+@contextlib.contextmanager
+def precision_context(model: Wav2Vec2, precision: str) -> Iterator[None]:
+    """The one place that sets the inference precision: the model's own compute precision
+    (:meth:`Wav2Vec2.set_precision`; bf16 computes on cached bfloat16 weights with norms and
+    softmax accumulating in float32, logits float32), restored when the block ends."""
+    before = model.precision
+    model.set_precision(precision)
+    try:
+        yield
+    finally:
+        model.set_precision(before)
 
 
 # --------------------------------------------------------------------------- per-file results
@@ -304,7 +305,7 @@ def _run_batch(model: Wav2Vec2, batch: list[_Job], device: torch.device, precisi
     wav = torch.zeros(len(batch), int(lengths.max()))  # (batch, samples)
     for i, job in enumerate(batch):
         wav[i, : lengths[i]] = torch.from_numpy(job.chunk.audio)
-    with torch.inference_mode(), precision_context(device, precision):
+    with torch.inference_mode(), precision_context(model, precision):
         out = model(wav.to(device), lengths.to(device))
     log_probs = out.logits.float().log_softmax(-1)  # (batch, frames, vocab)
     for i, job in enumerate(batch):

@@ -119,8 +119,13 @@ class _OneDNNLinear(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = _lp(g2, w.t(), None).view(x.shape)  # (rows, in)
-        if ctx.needs_input_grad[1]:
-            gw = _lp(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, in)
+        if ctx.needs_input_grad[1]:  # (out, in); oneDNN copies a transposed left operand first:
+            x2 = x.reshape(-1, x.shape[-1])  # transpose whichever side costs less to copy
+            rows, (n_out, n_in) = x2.shape[0], w.shape
+            if rows * n_out <= rows * n_in + n_out * n_in:
+                gw = _lp(g2.t(), x2.t(), None)  # g^T x
+            else:
+                gw = _lp(x2.t(), g2.t(), None).t().contiguous()  # (x^T g)^T
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0, dtype=torch.float32).to(grad.dtype)
         return gx, gw, gb
@@ -231,7 +236,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, d
 class _AttentionTrain(torch.autograd.Function):
     """Attention with dropout on the probabilities, head by head with oneDNN products in both
     directions (PyTorch's CPU SDPA falls back to MKL batched products and bernoulli_ here).
-    Saves q, k, v, the probabilities and the dropout mask, as SDPA's math path does."""
+    Saves q, k, v, the probabilities and the dropout mask, as SDPA's math path does.
+
+    The (time x time) matrices only ever enter a product as oneDNN's right operand (plain or
+    transposed, no copy): products with a (time x time) left factor are computed transposed (a
+    transposed left operand is copied first, 3x the product's time at 500 frames). The dropout
+    mask multiplies as 0/1 in the compute dtype (a bool mask in an elementwise op costs ~8x more
+    on CPUs); its 1/(1-p) scale goes onto the small (time x head_dim) results, so bf16 never
+    rounds the scale itself."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float) -> Tensor:
@@ -242,14 +254,15 @@ class _AttentionTrain(torch.autograd.Function):
         for i in range(b):
             masked = None if key_mask is None else ~key_mask[i, 0]  # (1, time)
             for j in range(h):
-                s = _lp(q[i, j] * d ** -0.5, k[i, j].contiguous(), None)  # (queries, keys)
+                s = _lp(q[i, j] * d ** -0.5, k[i, j], None)  # (queries, keys)
                 if masked is not None:
                     s.masked_fill_(masked, float("-inf"))
                 p = probs[i, j]
                 torch.softmax(s, -1, out=p) if s.dtype == p.dtype else p.copy_(torch.softmax(s, -1))
-                if keep is not None:
-                    p = p * keep[i, j].to(p.dtype).mul_(ctx.drop_scale)
-                out[i, :, j] = _lp(p, v[i, j].t().contiguous(), None)
+                if keep is None:
+                    out[i, :, j] = _lp(p, v[i, j].t(), None)
+                else:
+                    out[i, :, j] = _lp(p * _as_01(keep[i, j], p.dtype), v[i, j].t(), None).mul_(ctx.drop_scale)
         ctx.save_for_backward(q, k, v, probs, keep)
         return out.view(b, t, h * d)
 
@@ -263,16 +276,22 @@ class _AttentionTrain(torch.autograd.Function):
             for j in range(h):
                 dy = grad[i, :, j].contiguous()  # (queries, head_dim)
                 p = probs[i, j]
-                m = None if keep is None else keep[i, j].to(p.dtype).mul_(ctx.drop_scale)  # dropout multiplier
-                dv[i, j] = _lp((p if m is None else p * m).t(), dy.t(), None)  # p^T dy
-                dp = _lp(dy, v[i, j].contiguous(), None)  # dy v^T: (queries, keys)
-                if m is not None:
-                    dp.mul_(m)
-                ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype) * d ** -0.5
-                kh, qh = k[i, j].contiguous(), q[i, j].contiguous()
-                dq[i, j] = _lp(ds, kh.t(), None)  # ds k
-                dk[i, j] = _lp(ds.t(), qh.t(), None)  # ds^T q
+                dp = _lp(dy, v[i, j], None)  # dy v^T: (queries, keys)
+                if keep is None:
+                    dv[i, j] = _lp(dy.t(), p.t(), None).t()  # (dy^T p)^T = p^T dy
+                else:
+                    m = _as_01(keep[i, j], p.dtype)
+                    dv[i, j] = _lp(dy.t(), (p * m).t(), None).t().mul_(ctx.drop_scale)
+                    dp.mul_(m)  # the scale goes with d^-0.5 below (softmax backward is linear in dp)
+                ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype).mul_(ctx.drop_scale * d ** -0.5)
+                dq[i, j] = _lp(ds, k[i, j].t(), None)  # ds k
+                dk[i, j] = _lp(q[i, j].t(), ds.t(), None).t()  # (q^T ds)^T = ds^T q
         return dq, dk, dv, None, None
+
+
+def _as_01(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as 0/1 in ``dtype`` (through uint8: bool -> float conversion is several times slower)."""
+    return mask.view(torch.uint8).to(dtype)
 
 
 # --------------------------------------------------------------------------- convolution

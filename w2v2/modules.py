@@ -79,12 +79,14 @@ class FeatureEncoder(nn.Module):
       analytically from the (kernel x kernel) covariance of the waveform windows, so it is folded
       into conv 0's weights, which then run as one matrix product over the windows with GELU fused;
     * every later conv runs channels-last, ``(batch, time, channels)`` memory throughout, no transposes;
-    * without autograd the stack runs in time chunks of ``chunk_frames`` output frames (each chunk
-      reads the waveform span it depends on), so the large early activations never exist for the
-      whole input: memory stays flat in the input length and the working set stays in cache.
+    * without autograd the stack runs in time chunks of ``chunk_frames`` output frames for one
+      utterance, ``chunk_frames / batch`` (at least 16) for a batch (each chunk reads the waveform
+      span it depends on), so the large early activations never exist for the whole input: memory
+      stays flat in the input length and the working set stays in cache (a batch of 8 x 4 s runs
+      1.25x faster in chunks of 32 frames than in one piece on a 2-core EPYC).
     """
 
-    chunk_frames = {"cpu": 256}  # output frames per chunk by device type; others: 4096
+    chunk_frames = {"cpu": 256}  # output frames per chunk (one utterance) by device type; others: 4096
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -187,6 +189,7 @@ class FeatureEncoder(nn.Module):
         """:meth:`_stack` over spans of the waveform, ``chunk_frames`` output frames at a time."""
         frames = int(conv_output_lengths(torch.tensor(wav.shape[1]), self.kernels, self.strides))
         step = self.chunk_frames.get(wav.device.type, 4096)
+        step = max(min(16, step), step // max(1, wav.shape[0]))
         if frames <= step:
             return self._stack(wav, w0, b0, dtype)
         out = torch.empty(wav.shape[0], frames, self.conv_layers[-1].conv.out_channels, dtype=dtype,
