@@ -31,6 +31,11 @@ import harness
 CASES = (("base", 2, 10.0), ("small", 8, 4.0), ("pretrain-base", 2, 10.0), ("pretrain-small", 8, 4.0))
 
 
+def adamw(model) -> torch.optim.AdamW:
+    """Fused AdamW: what transformers' Trainer (torch >= 2.8) and w2v2's trainer both use."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+
+
 def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     lp = logits.float().log_softmax(-1).transpose(0, 1)  # (frames, batch, vocab)
     b, t = logits.shape[0], logits.shape[1]
@@ -41,8 +46,7 @@ def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def steps(hf, ours, x: torch.Tensor, targets: torch.Tensor):
     """name -> one update of that variant."""
     xn = harness.normalized(x)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+    opt_hf, opt_ours = adamw(hf), adamw(ours)
 
     def tf(bf16: bool):
         def step():
@@ -91,8 +95,7 @@ def pretrain_steps(hf, ours, x: torch.Tensor):
     hf_neg[mask] = (negatives + frames * torch.arange(b)[:, None, None]).view(-1, cfg.num_negatives)
     mask, negatives, hf_neg = mask.to(x.device), negatives.to(x.device), hf_neg.to(x.device)
     ours.feature_grad_scale = cfg.feature_grad_scale
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+    opt_hf, opt_ours = adamw(hf), adamw(ours)
 
     def tf(bf16: bool):
         def step():

@@ -187,8 +187,9 @@ def _recipe_overrides(name: str) -> dict:
         # Pretraining-only departures (the fine-tuned architecture is config.small's): a 2 x 16 codebook,
         # no dropout, no feature penalty -- each of those kept this model at chance level
         # (contrastive = ln(K + 1)) for hundreds of updates -- and a 3x diversity weight (at 0.1 the
-        # small codebook collapsed, perplexity 27 -> 4 of 32). Even so, 30 minutes on 2 shared cores
-        # did not get it off the plateau: see docs/pretraining.md.
+        # small codebook collapsed, perplexity 27 -> 4 of 32). For a 30-minute CPU run that learns
+        # (one thread, longer crops, larger batches): recipes/configs/pretrain_small_cpu.json and
+        # docs/pretraining.md.
         return {"model": dict(num_codevectors_per_group=16, hidden_dropout=0.0, attention_dropout=0.0,
                               feat_proj_dropout=0.0),
                 "train": dict(lr=2e-3, warmup_updates=50, max_updates=1200, clip_norm=10.0, save_interval=100,
