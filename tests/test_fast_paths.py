@@ -231,3 +231,22 @@ def test_training_attention_gradients_with_dropout(padded, monkeypatch):
     assert max_diff(out.double(), ref) < 1e-5
     for got, want in zip(grads, ref_grads):
         assert max_diff(got.double(), want) < 1e-4 * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("kernel,groups", [(16, 4), (7, 1), (128, 16)])
+def test_grouped_conv_time_train_gradients(kernel, groups):
+    """The positional convolution's backward as two forward convolutions equals conv1d's autograd."""
+    torch.manual_seed(0)
+    b, t, c = 2, 57, 32 if kernel < 128 else 64
+    x = torch.randn(b, t, c, requires_grad=True)
+    w = torch.randn(c, c // groups, kernel, requires_grad=True)
+    bias = torch.randn(c, requires_grad=True)
+    y = kernels.grouped_conv_time_train(x, w, bias, padding=kernel // 2, groups=groups)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, bias), g)
+    x2, w2, b2 = (v.detach().double().requires_grad_() for v in (x, w, bias))
+    ref = F.conv1d(x2.transpose(1, 2), w2, b2, padding=kernel // 2, groups=groups).transpose(1, 2)
+    want = torch.autograd.grad(ref, (x2, w2, b2), g.double())
+    assert max_diff(y.double(), ref) < 1e-4
+    for a, e in zip(got, want):
+        assert max_diff(a.double(), e) < 1e-4 * (1 + e.abs().max().item())

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kernels import Dropout, attention, cached, conv_time, conv_time_train, conv_weight_4d, gelu_, linear, needs_grad, weight_as
+from .kernels import (Dropout, attention, cached, conv_time, conv_time_train, conv_weight_4d, gelu_,
+                      grouped_conv_time_train, linear, needs_grad, weight_as)
 
 
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -245,10 +246,14 @@ class PositionalConvEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (batch, frames, hidden), channels-last throughout
         wn = self.conv.parametrizations.weight
+        b = weight_as(self.conv, "bias", x.dtype)
+        if needs_grad(x, wn.original0, wn.original1, b):
+            y = F.gelu(grouped_conv_time_train(x, self.conv.weight.to(x.dtype), b, padding=self.conv.padding[0],
+                                               groups=self.conv.groups))
+            return y[:, : x.shape[1]]
         w4 = cached(self, ("w4", x.dtype), (wn.original0, wn.original1),
                     lambda: conv_weight_4d(self.conv.weight.to(x.dtype)))  # weight norm: once per change
-        y = conv_time(x, w4, weight_as(self.conv, "bias", x.dtype), padding=self.conv.padding[0],
-                      groups=self.conv.groups, gelu=True)
+        y = conv_time(x, w4, b, padding=self.conv.padding[0], groups=self.conv.groups, gelu=True)
         return y[:, : x.shape[1]]
 
 
