@@ -4,8 +4,15 @@
 
 Checks: float32 logits equal transformers' (TF32 off) for both norm variants, padded batch ==
 single, "auto" precision picks bf16, bf16 logits/argmax close to float32, float32 gradients equal
-transformers' (tiny config); then times inference (BASE, 10 s and 60 s) and one CTC update (BASE
-2 x 10 s, small 8 x 4 s), ours vs transformers, float32 and bf16 (autocast for transformers).
+transformers' (tiny config). Then measures the device's matmul peak (8192^3, fp32 without TF32 and
+bf16) and times, ours vs transformers in float32 and bf16 (autocast for transformers; SDPA picks
+flash attention for both where it can): inference (BASE, 1 x 10 s, 1 x 60 s, 8 x 10 s), with
+``torch.compile`` of ours in bf16 where it compiles; one CTC update (BASE 2 x 10 s, small 8 x 4 s,
+feature encoder frozen and trained); one pretraining update (train_step.py's, same mask and
+negatives). Each row reports model GFLOP/s and its share of the peak (for training updates:
+model-FLOPs utilisation, backward = 2x the forward of what it reaches).
+
+    python benchmarks/cuda_check.py --dry --quick   # tiny models on the CPU: tests the script
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import harness  # noqa: F401  (puts this checkout first on sys.path)
+import harness  # also puts this checkout first on sys.path
 import torch
 import torch.nn.functional as F
 import transformers
@@ -32,7 +39,31 @@ DRY = False  # --dry: tiny models and inputs on the CPU, to test this script wit
 
 def sync():
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
+
+
+def device_peak() -> dict[str, float]:
+    """Best GFLOP/s of a square matrix product in float32 (TF32 off) and bfloat16 on DEV."""
+    if DEV != "cuda":
+        p = harness.matmul_peak(n=512, repeats=2)
+        return {"fp32": p["fp32"], "bf16": p["bf16"]}
+    out = {}
+    for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        n = 8192
+        a, b = torch.randn(n, n, device=DEV, dtype=dtype), torch.randn(n, n, device=DEV, dtype=dtype)
+        out[key] = 2 * n ** 3 / timed({"mm": lambda: a @ b}, 5)["mm"] / 1e9
+        del a, b
+    return out
+
+
+def gflops(cfg, batch: int, samples: int, frozen_encoder: bool | None = None) -> float:
+    """Model GFLOP of a forward pass (``frozen_encoder=None``) or of a training update."""
+    fwd = harness.forward_flops(cfg, samples)
+    total = sum(fwd.values())
+    if frozen_encoder is None:
+        return batch * total / 1e9
+    trained = total - (fwd["feature encoder"] if frozen_encoder else 0)
+    return batch * (total + 2 * trained) / 1e9
 
 
 def pair(name: str, tmp: str, **overrides):
@@ -110,12 +141,19 @@ def check_correctness() -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # PyTorch defaults
 
 
-def bench_inference(repeats: int) -> None:
+def bench_inference(repeats: int, peak: dict, compile_: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = pair("base", tmp)
-    print("\n| input | transformers fp32 | transformers bf16 autocast | ours fp32 | ours bf16 | ours bf16 vs tf fp32 | "
-          "ours bf16 vs tf bf16 | peak MiB tf fp32 / ours bf16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| input | transformers fp32 | transformers bf16 autocast | ours fp32 | ours bf16 | ours bf16 compiled | "
+          "ours bf16 vs tf fp32 | ours bf16 vs tf bf16 | ours bf16 GFLOP/s (% bf16 peak) | tf bf16 GFLOP/s (%) | "
+          "peak MiB tf fp32 / ours bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    compiled = None
+    if compile_:
+        try:
+            compiled = torch.compile(ours)
+        except Exception as e:  # noqa: BLE001 -- report and go on
+            print(f"torch.compile failed: {type(e).__name__}: {e}")
     for seconds, batch in ((10, 1), (60, 1), (10, 8)):
         x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
         xn = norm(x)
@@ -126,13 +164,25 @@ def bench_inference(repeats: int) -> None:
                     hf(xn)
             return run
 
-        def us(prec):
+        def us(prec, model=ours):
             def run():
-                ours.set_precision(prec).infer(x)
+                ours.set_precision(prec)
+                with torch.inference_mode():
+                    model(x)
             return run
 
         fns = {"tf32": tf(False), "tf16": tf(True), "o32": us("fp32"), "o16": us("bf16")}
+        comp = "n/a"
+        if compiled is not None:
+            try:
+                us("bf16", compiled)()  # compile outside the timing
+                fns["oc"] = us("bf16", compiled)
+            except Exception as e:  # noqa: BLE001
+                comp = f"failed ({type(e).__name__})"
+                compiled = None
         t = timed(fns, repeats)
+        if "oc" in t:
+            comp = f"{t['oc'] * 1e3:.1f} ms"
         mem = {}
         for k in ("tf32", "o16"):
             if DEV != "cuda":
@@ -143,52 +193,53 @@ def bench_inference(repeats: int) -> None:
             base = torch.cuda.memory_allocated()
             fns[k]()
             mem[k] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        gf = gflops(ours.config, batch, x.shape[1])
         print(f"| {batch} x {seconds} s | {t['tf32'] * 1e3:.1f} ms | {t['tf16'] * 1e3:.1f} ms | {t['o32'] * 1e3:.1f} ms | "
-              f"{t['o16'] * 1e3:.1f} ms | {t['tf32'] / t['o16']:.2f}x | {t['tf16'] / t['o16']:.2f}x | "
-              f"{mem['tf32']:.0f} / {mem['o16']:.0f} |")
+              f"{t['o16'] * 1e3:.1f} ms | {comp} | {t['tf32'] / t['o16']:.2f}x | {t['tf16'] / t['o16']:.2f}x | "
+              f"{gf / t['o16']:.0f} ({100 * gf / t['o16'] / peak['bf16']:.0f}%) | "
+              f"{gf / t['tf16']:.0f} ({100 * gf / t['tf16'] / peak['bf16']:.0f}%) | {mem['tf32']:.0f} / {mem['o16']:.0f} |")
 
 
-def bench_training(repeats: int) -> None:
-    print("\n| batch | precision | transformers s/step | ours s/step | speedup |")
-    print("|---|---|---|---|---|")
-    for name, batch, seconds in (("base", 2, 10), ("small", 8, 4)):
-        with tempfile.TemporaryDirectory() as tmp:
-            hf, ours = pair(name, tmp, layerdrop=0.0)
-        hf.train(), ours.train()
+def bench_training(repeats: int, peak: dict) -> None:
+    """CTC updates (encoder frozen / trained) and pretraining updates, train_step.py's definitions."""
+    import train_step
+
+    print("\n| update | precision | transformers s/step | ours s/step | speedup | ours vs tf fp32 | "
+          "tf GFLOP/s (% peak) | ours GFLOP/s (% peak) |")
+    print("|---|---|---|---|---|---|---|---|")
+    cases = [(name, b, s, enc) for name, b, s in (("base", 2, 10), ("small", 8, 4)) for enc in ("frozen", "trained")]
+    cases += [("pretrain-base", 2, 10, "trained"), ("pretrain-small", 8, 4, "trained")]
+    for name, batch, seconds, encoder in cases:
+        hf, ours = train_step.model_pair(name, "tiny" if DRY else None)
+        hf, ours = hf.to(DEV), ours.to(DEV)
+        if encoder == "frozen":
+            hf.freeze_feature_encoder()
+            ours.feature_grad_scale = 0.0
+            ours.feature_extractor.requires_grad_(False)
         x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
-        xn = norm(x)
-        tg = torch.randint(1, 32, (batch, 20), device=DEV)
-        oh, oo = torch.optim.AdamW(hf.parameters(), 1e-5), torch.optim.AdamW(ours.parameters(), 1e-5)
-
-        def loss(logits):
-            lp = logits.float().log_softmax(-1).transpose(0, 1)
-            return F.ctc_loss(lp, tg, torch.full((batch,), lp.shape[0]), torch.full((batch,), 20), zero_infinity=True)
-
-        def tf(bf16):
-            def step():
-                oh.zero_grad(set_to_none=True)
-                with torch.autocast(DEV, torch.bfloat16, enabled=bf16):
-                    logits = hf(xn).logits
-                loss(logits).backward()
-                oh.step()
-            return step
-
-        def us(prec):
-            def step():
-                oo.zero_grad(set_to_none=True)
-                loss(ours.set_precision(prec)(x).logits).backward()
-                oo.step()
-            return step
-
-        t = timed({"tf32": tf(False), "o32": us("fp32"), "tf16": tf(True), "o16": us("bf16")}, repeats)
-        for prec, a, b in (("fp32", "tf32", "o32"), ("bf16", "tf16", "o16")):
-            print(f"| {name} {batch} x {seconds} s | {prec} | {t[a]:.4f} | {t[b]:.4f} | {t[a] / t[b]:.2f}x |")
+        if name.startswith("pretrain-"):
+            fns = train_step.pretrain_steps(hf, ours, x)
+        else:
+            frames = harness.conv_frames(ours.config, x.shape[1])[-1]
+            targets = torch.randint(1, 32, (batch, max(1, frames // 4)), device=DEV)
+            fns = train_step.steps(hf, ours, x, targets)
+        t = timed(fns, repeats)
+        gf = gflops(ours.config, batch, x.shape[1], frozen_encoder=encoder == "frozen")
+        label = name.replace("pretrain-", "pretraining ") if name.startswith("pretrain-") else f"CTC {name}, encoder {encoder}"
+        for prec in ("fp32", "bf16"):
+            a, b = t[f"tf {prec}"], t[f"ours {prec}"]
+            print(f"| {label}, {batch} x {seconds} s | {prec} | {a:.4f} | {b:.4f} | {a / b:.2f}x | {t['tf fp32'] / b:.2f}x | "
+                  f"{gf / a:.0f} ({100 * gf / a / peak[prec]:.0f}%) | {gf / b:.0f} ({100 * gf / b / peak[prec]:.0f}%) |")
+        del hf, ours, fns
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dry", action="store_true", help="tiny models on the CPU (tests this script)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     args = p.parse_args()
     global DEV, DRY
     if args.dry:
@@ -196,8 +247,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU dry run'}")
     check_correctness()
-    bench_inference(3 if args.quick else 10)
-    bench_training(2 if args.quick else 5)
+    peak = device_peak()
+    print(f"\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s (TF32 off), bf16 {peak['bf16']:.0f} GFLOP/s")
+    bench_inference(3 if args.quick else 10, peak, compile_=not args.no_compile and not args.dry)
+    bench_training(2 if args.quick else 5, peak)
 
 
 if __name__ == "__main__":

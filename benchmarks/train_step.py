@@ -44,14 +44,14 @@ def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def steps(hf, ours, x: torch.Tensor, targets: torch.Tensor):
-    """name -> one update of that variant."""
+    """name -> one CTC update of that variant; models, ``x`` and ``targets`` on one device."""
     xn = harness.normalized(x)
     opt_hf, opt_ours = adamw(hf), adamw(ours)
 
     def tf(bf16: bool):
         def step():
             opt_hf.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
                 logits = hf(xn).logits
             ctc_loss(logits, targets).backward()
             opt_hf.step()
