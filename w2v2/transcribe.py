@@ -40,8 +40,8 @@ class TranscribeOptions:
     ``beam_width=None`` and no ``lm``: greedy decoding. An ``lm`` (ARPA or KenLM binary) or a
     ``beam_width`` selects beam search (width 100 unless given). ``batch_size=None``: 1 on
     CPU (peak memory: one 30 s chunk of BASE needs ~0.5 GB), 8 on a GPU. ``device=None``:
-    CUDA when available. ``precision``: ``auto`` (bf16 on a GPU that has it, else fp32),
-    ``fp32`` or ``bf16``.
+    CUDA when available. ``precision``: ``auto`` (bf16 where the hardware multiplies it natively:
+    CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; else fp32), ``fp32`` or ``bf16``.
     """
 
     chunk_seconds: float = 30.0

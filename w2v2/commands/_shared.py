@@ -16,7 +16,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "None: the model embedded in the package")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="None: cuda when available, else cpu")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 on a GPU that supports it, else fp32")
+                   help="auto: bf16 where the hardware multiplies it natively (CUDA GPUs with bf16, CPUs with "
+                        "AVX512-BF16 or AMX), else fp32; fp32: reference numerics")
     g.add_argument("--batch-size", type=int, default=None,
                    help="chunks per forward pass, across files; None: 1 on CPU, 8 on GPU")
     g.add_argument("--chunk-seconds", type=float, default=30.0, help="long audio runs in chunks of this length")
