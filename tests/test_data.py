@@ -146,3 +146,31 @@ def test_real_manifest_validates(data_dir):
     ds = data.AudioDataset(good, max_samples=32_000)
     wav = ds[0]["wav"]
     assert wav.dtype == torch.float32 and 0 < len(wav) <= 32_000 and wav.abs().max() > 0.01
+
+
+def test_loader_workers_start_with_stop_signals_blocked(tmp_path, monkeypatch):
+    """A SIGTERM (or Ctrl-C) that reaches a DataLoader worker after its fork but before its init
+    ran must not run the trainer's handler, inherited with the fork, inside the worker: it once
+    killed workers or left them unable to stop (`kill -TERM -PGID` during an epoch change)."""
+    import signal
+
+    hits = tmp_path / "handled_in"
+
+    def handler(signum, frame):
+        with open(hits, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    real_init = data._worker_init
+
+    def init(worker_id):
+        os.kill(os.getpid(), signal.SIGTERM)  # as if the process group got it right after the fork
+        real_init(worker_id)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        loader = data._Loader(list(range(4)), batch_size=2, num_workers=2, worker_init_fn=init)
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the main thread's mask is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not hits.exists(), f"the handler ran in a worker: {hits.read_text()}"

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -354,12 +355,35 @@ class BucketBatchSampler(Sampler):
         return max(0, len(self.batches(self.epoch)) - self.skip)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(_: int) -> None:
     # Ctrl-C (and `kill -TERM -PGID`, e.g. from a job scheduler) goes to the whole process group:
     # workers keep serving so the trainer can finish its update and save; the main process shuts
-    # them down (and PyTorch's watchdog ends them if the main process dies).
+    # them down (and PyTorch's watchdog ends them if the main process dies). Workers start with
+    # both signals blocked (_Loader); ignoring them discards any that arrived meanwhile.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes are started with SIGINT and SIGTERM blocked.
+
+    Otherwise a signal to the process group that lands between a worker's fork and its
+    :func:`_worker_init` runs the trainer's handler (inherited with the fork) inside the worker,
+    which could kill it ("DataLoader worker exited unexpectedly") or leave it unable to stop.
+    The main process gets a signal that arrives meanwhile as soon as the workers are started."""
+
+    def __iter__(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def make_loader_factory(dataset: Dataset, sampler: BucketBatchSampler, collate: Callable[[list], dict],
@@ -370,7 +394,7 @@ def make_loader_factory(dataset: Dataset, sampler: BucketBatchSampler, collate: 
 
     def factory(epoch: int, skip: int = 0) -> DataLoader:
         sampler.set_epoch(epoch, skip)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        return _Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                           worker_init_fn=_worker_init if num_workers else None,
                           generator=torch.Generator().manual_seed(sampler.seed + epoch),
                           persistent_workers=False, prefetch_factor=4 if num_workers else None)
