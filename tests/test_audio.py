@@ -372,3 +372,8 @@ def test_audio_duration_errors(tmp_path):
     (tmp_path / "t.wav").write_text("text " * 50)
     with pytest.raises(AudioError, match="t.wav: not an audio file"):
         audio_duration(tmp_path / "t.wav")
+
+
+def test_an_empty_file_name_is_shown_quoted():
+    with pytest.raises(AudioError, match=r"^'': no such file"):
+        load_audio("")

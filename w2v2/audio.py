@@ -46,7 +46,7 @@ class AudioError(ValueError):
 
 
 def _error(name: str, problem: str) -> AudioError:
-    return AudioError(f"{name}: {problem}")
+    return AudioError(f"{name or repr(name)}: {problem}")  # an empty name shows as ''
 
 
 def _reason(exc: BaseException) -> str:
