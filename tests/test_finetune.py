@@ -229,13 +229,14 @@ def test_tiny_model_learns_to_transcribe_short_real_utterances(tmp_path, short_m
     assert v.cer < 0.2, list(zip(v.refs, v.hyps))
 
 
-def _ddp_finetune_worker(rank, world, port, manifest, run_dir, out):
+def _ddp_finetune_worker(rank, world, rendezvous, manifest, run_dir, out):
     import os
 
     from w2v2.finetune import finetune
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    # a file rendezvous: a TCP port picked free can be taken before the ranks bind it
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     import w2v2.trainer as trainer_mod
 
@@ -259,15 +260,11 @@ def _ddp_finetune_worker(rank, world, port, manifest, run_dir, out):
 @pytest.mark.slow
 def test_ddp_with_freezing_and_layerdrop_keeps_ranks_in_step(tmp_path, short_manifest):
     """Parameters that get no gradient (frozen Transformer, dropped layers) must not break DDP."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "weights")
-    mp.spawn(_ddp_finetune_worker, args=(2, port, short_manifest, tmp_path / "run", out), nprocs=2, join=True)
+    mp.spawn(_ddp_finetune_worker, args=(2, tmp_path / "rendezvous", short_manifest, tmp_path / "run", out),
+             nprocs=2, join=True)
     a, b = (torch.load(f"{out}.{r}", weights_only=True) for r in range(2))
     assert all(torch.equal(a["final"][k], b["final"][k]) for k in a["final"])
     changed = {k for k in a["final"] if not torch.equal(a["final"][k], a["initial"][k])}

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 
 import pytest
 import torch
@@ -209,9 +208,10 @@ def test_accumulated_micro_batches_equal_one_batch(tmp_path):
         assert torch.allclose(whole[name], parts[name], atol=1e-6, rtol=1e-5), name
 
 
-def _ddp_worker(rank, world, port, entries, run_dir, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank, world, rendezvous, entries, run_dir, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    # a file rendezvous: a TCP port picked free can be taken before the ranks bind it
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     trainer = Trainer(model(hidden_dropout=0.0), frame_loss, None, config(find_unused_parameters=True), run_dir)
     # unequal halves: 1 and 3 utterances of different lengths, so the sample sizes differ per rank
@@ -220,16 +220,10 @@ def _ddp_worker(rank, world, port, entries, run_dir, out):
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gradients_equal_single_process(tmp_path):
     entries = clips(tmp_path, 4)
     out = str(tmp_path / "grads")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), entries, tmp_path / "ddp", out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", entries, tmp_path / "ddp", out), nprocs=2, join=True)
     single = Trainer(model(hidden_dropout=0.0), frame_loss, None, config(), tmp_path / "one")
     expected = _grads(single, [_batch(entries, [0, 1, 2, 3])])
     for rank in range(2):
