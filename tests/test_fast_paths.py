@@ -250,3 +250,23 @@ def test_grouped_conv_time_train_gradients(kernel, groups):
     assert max_diff(y.double(), ref) < 1e-4
     for a, e in zip(got, want):
         assert max_diff(a.double(), e) < 1e-4 * (1 + e.abs().max().item())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_first_conv_gelu_gradients(batch, monkeypatch):
+    """Conv 0 with its folded group norm (recomputing the pre-activation in chunks in the backward)
+    equals gelu(u w^T + b) under autograd in float64."""
+    monkeypatch.setattr(kernels._FirstConvTrain, "chunk", 7)  # several chunks and a partial one
+    torch.manual_seed(0)
+    u = torch.randn(batch, 40, 10)
+    w = torch.randn(batch, 16, 10, requires_grad=True)
+    b = torch.randn(batch, 16, requires_grad=True)
+    h = kernels.first_conv_gelu(u, w, b)
+    g = torch.randn_like(h)
+    got = torch.autograd.grad(h, (w, b), g)
+    w2, b2 = (x.detach().double().requires_grad_() for x in (w, b))
+    ref = F.gelu(torch.baddbmm(b2[:, None, :], u.double(), w2.mT))
+    want = torch.autograd.grad(ref, (w2, b2), g.double())
+    assert max_diff(h.double(), ref) < 1e-5
+    for a, e in zip(got, want):
+        assert max_diff(a.double(), e) < 1e-4 * (1 + e.abs().max().item())

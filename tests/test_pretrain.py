@@ -152,13 +152,14 @@ def test_cli_reports_no_usable_audio(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_model_learns_on_real_speech(data_dir, tmp_path):
-    """~20 s on one thread: accuracy rises well above chance on a few real utterances.
+    """~25 s on one thread: accuracy rises well above chance on a few real utterances.
 
     The 32-wide `tiny` model stayed at its starting accuracy for 150-400 updates with some seeds
     (the contrastive plateau); 64 wide, lr 5e-3 and diversity 0.3, seeds 0-6 all left it within
-    300 updates (last-20 accuracy 0.32-0.44 from 0.13-0.15; chance 1/11)."""
+    300 updates (last-20 accuracy 0.27-0.41 from 0.13-0.15; chance 1/11); 400 updates for margin
+    (seed 1, the lowest at 300: 0.45)."""
     rec = pretrain.recipe("tiny", {"model": {"hidden_size": 64, "intermediate_size": 128, "conv_dim": [64] * 7},
-                                   "train": {"max_updates": 300, "progress": False, "lr": 5e-3, "clip_norm": 10.0},
+                                   "train": {"max_updates": 400, "progress": False, "lr": 5e-3, "clip_norm": 10.0},
                                    "loss": {"diversity_weight": 0.3}, "data": {"max_tokens": 64_000}})
     good, _ = pretrain.prepare_data([data_dir / "ljspeech-amateur"], rec)
     pretrain.build_trainer(good[:40], tmp_path, rec).train()

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kernels import (Dropout, attention, cached, conv_time, conv_time_train, conv_weight_4d, gelu_,
-                      grouped_conv_time_train, linear, needs_grad, weight_as)
+from .kernels import (Dropout, attention, cached, conv_time, conv_time_train, conv_weight_4d, first_conv_gelu,
+                      gelu_, grouped_conv_time_train, linear, needs_grad, weight_as)
 
 
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -160,10 +160,7 @@ class FeatureEncoder(nn.Module):
         layer = self.conv_layers[0]
         u = wav.unfold(-1, self.kernels[0], self.strides[0]).to(dtype)  # (batch, frames0, kernel)
         if layer.norm_kind == "group":
-            if u.shape[0] == 1:
-                h = linear(u, w0[0], b0[0], gelu=True)
-            else:
-                h = gelu_(torch.baddbmm(b0[:, None, :], u, w0.mT))
+            h = first_conv_gelu(u, w0, b0)
         else:
             h = linear(u, w0[0], None if b0 is None else b0[0])
             if layer.norm_kind == "layer":
