@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import longest_clip, tiny_ctc_model
-from w2v2 import emissions as emissions_module
+from w2v2 import precision as precision_module
 from w2v2.audio import SAMPLE_RATE, load_audio
 from w2v2.emissions import (
     ChunkPlan,
@@ -192,9 +192,9 @@ def test_precision_resolution_and_the_models_bf16_path(speech, monkeypatch):
     assert resolve_precision(cpu, "bf16") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision(cpu, "fp8")
-    monkeypatch.setattr(emissions_module, "fast_bf16", lambda device: True)
+    monkeypatch.setattr(precision_module, "fast_bf16", lambda device: True)
     assert resolve_precision(cpu, "auto") == "bf16"
-    monkeypatch.setattr(emissions_module, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(precision_module, "fast_bf16", lambda device: False)
     assert resolve_precision(cpu, "auto") == "fp32"
 
     model = tiny_ctc_model(LETTERS)

@@ -42,7 +42,7 @@ from .audio import SAMPLE_RATE, AudioError, stream_audio
 from .config import ModelConfig
 from .model import Wav2Vec2
 from .modules import conv_output_lengths
-from .precision import PRECISIONS, fast_bf16
+from . import precision as _precision
 
 
 # --------------------------------------------------------------------------- geometry
@@ -138,13 +138,9 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` -> ``bf16`` where the hardware multiplies bfloat16 natively (CUDA GPUs with bf16,
-    CPUs with AMX-BF16 or AVX512-BF16: :func:`w2v2.precision.fast_bf16`), else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if fast_bf16(device) else "fp32"
-    return precision
+    """``auto`` -> ``bf16`` where the hardware multiplies bfloat16 natively, else ``fp32``
+    (:func:`w2v2.precision.resolve` decides); ``fp32`` and ``bf16`` unchanged."""
+    return "bf16" if _precision.resolve(precision, device) == torch.bfloat16 else "fp32"
 
 
 @contextlib.contextmanager

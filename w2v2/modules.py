@@ -243,14 +243,13 @@ class PositionalConvEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (batch, frames, hidden), channels-last throughout
         wn = self.conv.parametrizations.weight
-        b = weight_as(self.conv, "bias", x.dtype)
+        b, padding, groups = weight_as(self.conv, "bias", x.dtype), self.conv.padding[0], self.conv.groups
         if needs_grad(x, wn.original0, wn.original1, b):
-            y = F.gelu(grouped_conv_time_train(x, self.conv.weight.to(x.dtype), b, padding=self.conv.padding[0],
-                                               groups=self.conv.groups))
-            return y[:, : x.shape[1]]
-        w4 = cached(self, ("w4", x.dtype), (wn.original0, wn.original1),
-                    lambda: conv_weight_4d(self.conv.weight.to(x.dtype)))  # weight norm: once per change
-        y = conv_time(x, w4, b, padding=self.conv.padding[0], groups=self.conv.groups, gelu=True)
+            y = F.gelu(grouped_conv_time_train(x, self.conv.weight.to(x.dtype), b, padding=padding, groups=groups))
+        else:
+            w4 = cached(self, ("w4", x.dtype), (wn.original0, wn.original1),
+                        lambda: conv_weight_4d(self.conv.weight.to(x.dtype)))  # weight norm: once per change
+            y = conv_time(x, w4, b, padding=padding, groups=groups, gelu=True)
         return y[:, : x.shape[1]]
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from . import __version__
 from .decoding import BeamSearchDecoder, DecodedText, align_text, greedy_decode_path, segment_words
 from .emissions import (
-    PRECISIONS,
     AudioInput,
     Emissions,
     compute_emissions,
@@ -29,6 +28,7 @@ from .emissions import (
     resolve_precision,
 )
 from .model import Wav2Vec2
+from .precision import check_precision
 
 BEAM_WINDOW_SECONDS = 30.0  # beam search and its alignment run on windows of at most this
 
@@ -65,8 +65,7 @@ class TranscribeOptions:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.beam_width is not None and self.beam_width < 1:
             raise ValueError(f"beam_width must be at least 1, got {self.beam_width}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.max_segment_chars < 1 or self.max_segment_seconds <= 0 or self.pause_seconds < 0:
             raise ValueError("max_segment_chars, max_segment_seconds must be positive and pause_seconds non-negative")
         if self.lm is not None and not os.path.isfile(self.lm):

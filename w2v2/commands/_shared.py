@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..emissions import PRECISIONS
+from ..precision import PRECISIONS
 from ..writers import WRITERS, get_writer
 
 
