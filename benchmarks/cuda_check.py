@@ -56,16 +56,6 @@ def device_peak() -> dict[str, float]:
     return out
 
 
-def gflops(cfg, batch: int, samples: int, frozen_encoder: bool | None = None) -> float:
-    """Model GFLOP of a forward pass (``frozen_encoder=None``) or of a training update."""
-    fwd = harness.forward_flops(cfg, samples)
-    total = sum(fwd.values())
-    if frozen_encoder is None:
-        return batch * total / 1e9
-    trained = total - (fwd["feature encoder"] if frozen_encoder else 0)
-    return batch * (total + 2 * trained) / 1e9
-
-
 def pair(name: str, tmp: str, **overrides):
     name = "tiny" if DRY else name
     d = convert.config_to_hf(preset(name, vocab_size=32), "Wav2Vec2ForCTC")
@@ -79,10 +69,6 @@ def pair(name: str, tmp: str, **overrides):
     hf.save_pretrained(tmp)
     (Path(tmp) / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
     return hf.to(DEV).eval(), w2v2.load_model(tmp, device=DEV).eval()
-
-
-def norm(x):
-    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
 
 
 def timed(fns: dict, repeats: int) -> dict:
@@ -108,7 +94,7 @@ def check_correctness() -> None:
             hf, ours = pair(name, tmp, **overrides)
         x = torch.randn(2, 64000, device=DEV)
         with torch.inference_mode():
-            ref = hf(norm(x)).logits
+            ref = hf(harness.normalized(x)).logits
             o32 = ours.infer(x).logits
             print(f"[{name} {ours.config.feat_extract_norm}] fp32 max|Δlogit| vs transformers: {(o32 - ref).abs().max().item():.2e}")
             lengths = torch.tensor([64000, 40000], device=DEV)
@@ -119,7 +105,7 @@ def check_correctness() -> None:
             print(f"  auto precision resolves to {ours.compute_dtype}")
             o16 = ours.infer(x).logits
             with torch.autocast(DEV, torch.bfloat16):
-                h16 = hf(norm(x)).logits.float()
+                h16 = hf(harness.normalized(x)).logits.float()
             for k, o in (("ours bf16", o16), ("tf autocast", h16)):
                 print(f"  {k}: max|Δlogit| {(o - o32).abs().max().item():.3f}, argmax agreement "
                       f"{(o.argmax(-1) == o32.argmax(-1)).float().mean().item():.4f}")
@@ -130,7 +116,7 @@ def check_correctness() -> None:
             hf, ours = pair(name, tmp, **overrides)
         hf.train(), ours.train()
         x, tg = torch.randn(2, 8000, device=DEV), torch.randint(1, 32, (2, 5), device=DEV)
-        for m, inp in ((hf, norm(x)), (ours, x)):
+        for m, inp in ((hf, harness.normalized(x)), (ours, x)):
             lp = m(inp).logits.float().log_softmax(-1).transpose(0, 1)
             F.ctc_loss(lp, tg, torch.full((2,), lp.shape[0]), torch.full((2,), 5), reduction="sum").backward()
         ref = {k.removeprefix("wav2vec2."): p.grad for k, p in hf.named_parameters()}
@@ -156,7 +142,7 @@ def bench_inference(repeats: int, peak: dict, compile_: bool) -> None:
             print(f"torch.compile failed: {type(e).__name__}: {e}")
     for seconds, batch in ((10, 1), (60, 1), (10, 8)):
         x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
-        xn = norm(x)
+        xn = harness.normalized(x)
 
         def tf(bf16):
             def run():
@@ -193,7 +179,7 @@ def bench_inference(repeats: int, peak: dict, compile_: bool) -> None:
             base = torch.cuda.memory_allocated()
             fns[k]()
             mem[k] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        gf = gflops(ours.config, batch, x.shape[1])
+        gf = batch * sum(harness.forward_flops(ours.config, x.shape[1]).values()) / 1e9
         print(f"| {batch} x {seconds} s | {t['tf32'] * 1e3:.1f} ms | {t['tf16'] * 1e3:.1f} ms | {t['o32'] * 1e3:.1f} ms | "
               f"{t['o16'] * 1e3:.1f} ms | {comp} | {t['tf32'] / t['o16']:.2f}x | {t['tf16'] / t['o16']:.2f}x | "
               f"{gf / t['o16']:.0f} ({100 * gf / t['o16'] / peak['bf16']:.0f}%) | "
@@ -210,12 +196,8 @@ def bench_training(repeats: int, peak: dict) -> None:
     cases = [(name, b, s, enc) for name, b, s in (("base", 2, 10), ("small", 8, 4)) for enc in ("frozen", "trained")]
     cases += [("pretrain-base", 2, 10, "trained"), ("pretrain-small", 8, 4, "trained")]
     for name, batch, seconds, encoder in cases:
-        hf, ours = train_step.model_pair(name, "tiny" if DRY else None)
+        hf, ours = train_step.model_pair(name, "tiny" if DRY else None, frozen_encoder=encoder == "frozen")
         hf, ours = hf.to(DEV), ours.to(DEV)
-        if encoder == "frozen":
-            hf.freeze_feature_encoder()
-            ours.feature_grad_scale = 0.0
-            ours.feature_extractor.requires_grad_(False)
         x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
         if name.startswith("pretrain-"):
             fns = train_step.pretrain_steps(hf, ours, x)
@@ -224,7 +206,7 @@ def bench_training(repeats: int, peak: dict) -> None:
             targets = torch.randint(1, 32, (batch, max(1, frames // 4)), device=DEV)
             fns = train_step.steps(hf, ours, x, targets)
         t = timed(fns, repeats)
-        gf = gflops(ours.config, batch, x.shape[1], frozen_encoder=encoder == "frozen")
+        gf = harness.update_flops(ours.config, batch, x.shape[1], frozen_encoder=encoder == "frozen") / 1e9
         label = name.replace("pretrain-", "pretraining ") if name.startswith("pretrain-") else f"CTC {name}, encoder {encoder}"
         for prec in ("fp32", "bf16"):
             a, b = t[f"tf {prec}"], t[f"ours {prec}"]

@@ -133,6 +133,15 @@ def forward_flops(cfg: ModelConfig, samples: int) -> dict[str, float]:
     }
 
 
+def update_flops(cfg: ModelConfig, batch: int, samples: int, frozen_encoder: bool = False) -> float:
+    """Model FLOPs of one training update: the forward, and twice the forward of what the
+    backward reaches (all of it, or all but a frozen feature encoder)."""
+    fwd = forward_flops(cfg, samples)
+    total = sum(fwd.values())
+    trained = total - (fwd["feature encoder"] if frozen_encoder else 0)
+    return batch * (total + 2 * trained)
+
+
 # --------------------------------------------------------------------------- machine peak
 def matmul_peak(n: int = 2048, repeats: int = 5, clock: str = "wall") -> dict[str, float]:
     """Best GFLOP/s of an n x n x n product in float32 and bfloat16, over torch.mm (MKL for float32

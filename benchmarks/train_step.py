@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
+from w2v2.finetune import freeze_feature_encoder
 
 CASES = (("base", 2, 10.0), ("small", 8, 4.0), ("pretrain-base", 2, 10.0), ("pretrain-small", 8, 4.0))
 
@@ -43,17 +44,17 @@ def ctc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                       reduction="mean", zero_infinity=True)
 
 
-def steps(hf, ours, x: torch.Tensor, targets: torch.Tensor):
-    """name -> one CTC update of that variant; models, ``x`` and ``targets`` on one device."""
-    xn = harness.normalized(x)
+def updates(hf, ours, device_type: str, hf_loss, ours_loss):
+    """name -> one update (loss, backward, fused AdamW step) of each variant: transformers with
+    and without bf16 autocast, ours in fp32 and bf16; ``hf_loss()`` / ``ours_loss()`` give the loss."""
     opt_hf, opt_ours = adamw(hf), adamw(ours)
 
     def tf(bf16: bool):
         def step():
             opt_hf.zero_grad(set_to_none=True)
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-                logits = hf(xn).logits
-            ctc_loss(logits, targets).backward()
+            with torch.autocast(device_type, torch.bfloat16, enabled=bf16):
+                loss = hf_loss()
+            loss.backward()
             opt_hf.step()
         return step
 
@@ -61,22 +62,33 @@ def steps(hf, ours, x: torch.Tensor, targets: torch.Tensor):
         def step():
             opt_ours.zero_grad(set_to_none=True)
             ours.set_precision(prec)
-            ctc_loss(ours(x).logits, targets).backward()
+            ours_loss().backward()
             opt_ours.step()
         return step
 
     return {"tf fp32": tf(False), "ours fp32": ours_("fp32"), "tf bf16": tf(True), "ours bf16": ours_("bf16")}
 
 
-def model_pair(name: str, preset: str | None = None):
+def steps(hf, ours, x: torch.Tensor, targets: torch.Tensor):
+    """name -> one CTC update of that variant; models, ``x`` and ``targets`` on one device."""
+    xn = harness.normalized(x)
+    return updates(hf, ours, x.device.type, lambda: ctc_loss(hf(xn).logits, targets),
+                   lambda: ctc_loss(ours(x).logits, targets))
+
+
+def model_pair(name: str, preset: str | None = None, frozen_encoder: bool = False):
     """(transformers, ours) for case ``name`` on the same random weights, in train mode, without
-    layerdrop; ``preset`` overrides the case's preset (e.g. "tiny" for a dry run)."""
+    layerdrop, the feature encoder frozen in both if asked; ``preset`` overrides the case's
+    preset (e.g. "tiny" for a dry run)."""
     pretrain = name.startswith("pretrain-")
     with tempfile.TemporaryDirectory() as tmp:
         # a pretraining model needs mask_time_prob > 0 to own its mask embedding; the mask itself is ours
         cfg = harness.hf_config(preset or name.removeprefix("pretrain-"), layerdrop=0.0,
                                 **({"mask_time_prob": 0.05} if pretrain else {}))
         hf, ours = harness.model_pair(tmp, cfg, head="Wav2Vec2ForPreTraining" if pretrain else "Wav2Vec2ForCTC")
+    if frozen_encoder:
+        hf.freeze_feature_encoder()
+        freeze_feature_encoder(ours)
     return hf.train(), ours.train()
 
 
@@ -95,26 +107,9 @@ def pretrain_steps(hf, ours, x: torch.Tensor):
     hf_neg[mask] = (negatives + frames * torch.arange(b)[:, None, None]).view(-1, cfg.num_negatives)
     mask, negatives, hf_neg = mask.to(x.device), negatives.to(x.device), hf_neg.to(x.device)
     ours.feature_grad_scale = cfg.feature_grad_scale
-    opt_hf, opt_ours = adamw(hf), adamw(ours)
-
-    def tf(bf16: bool):
-        def step():
-            opt_hf.zero_grad(set_to_none=True)
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-                loss = hf(xn, mask_time_indices=mask, sampled_negative_indices=hf_neg).loss
-            loss.backward()
-            opt_hf.step()
-        return step
-
-    def ours_(prec: str):
-        def step():
-            opt_ours.zero_grad(set_to_none=True)
-            ours.set_precision(prec)
-            pretraining_step(ours, x, None, mask, negatives, cfg)["total"].backward()
-            opt_ours.step()
-        return step
-
-    return {"tf fp32": tf(False), "ours fp32": ours_("fp32"), "tf bf16": tf(True), "ours bf16": ours_("bf16")}
+    return updates(hf, ours, x.device.type,
+                   lambda: hf(xn, mask_time_indices=mask, sampled_negative_indices=hf_neg).loss,
+                   lambda: pretraining_step(ours, x, None, mask, negatives, cfg)["total"])
 
 
 def parser(doc: str, cases=CASES) -> argparse.ArgumentParser:
@@ -144,21 +139,14 @@ def main() -> None:
             continue
         pretrain = name.startswith("pretrain-")
         for encoder in ["trained"] if pretrain else args.encoder:
-            hf, ours = model_pair(name)
-            if encoder == "frozen":
-                hf.freeze_feature_encoder()
-                ours.feature_grad_scale = 0.0
-                ours.feature_extractor.requires_grad_(False)
+            hf, ours = model_pair(name, frozen_encoder=encoder == "frozen")
             x = harness.speech(seconds, batch)
             frames = harness.conv_frames(ours.config, x.shape[1])[-1]
             targets = torch.randint(1, ours.config.vocab_size or 32, (batch, frames // 4),
                                     generator=torch.Generator().manual_seed(0))
             fns = pretrain_steps(hf, ours, x) if pretrain else steps(hf, ours, x, targets)
             times = harness.interleaved(fns, repeats, warmup=1, clock=args.clock)
-            # model FLOPs of the update: forward, and twice the forward for what the backward reaches
-            fwd = harness.forward_flops(ours.config, x.shape[1])
-            trained = sum(fwd.values()) - (fwd["feature encoder"] if encoder == "frozen" else 0)
-            flops = batch * (sum(fwd.values()) + 2 * trained)
+            flops = harness.update_flops(ours.config, batch, x.shape[1], frozen_encoder=encoder == "frozen")
             label = f"pretraining {name.removeprefix('pretrain-')}" if pretrain else f"CTC {name}, encoder {encoder}"
             for prec in ("fp32", "bf16"):
                 t_tf, t_ours = times[f"tf {prec}"], times[f"ours {prec}"]
