@@ -2,7 +2,9 @@
 weights and batch: CTC fine-tuning against Wav2Vec2ForCTC, pretraining against Wav2Vec2ForPreTraining.
 
     python benchmarks/train_step.py           # CTC and pretraining: BASE 2 x 10 s, `small` 8 x 4 s
-    python benchmarks/train_step.py --quick   # one timed step per variant
+    python benchmarks/train_step.py --quick   # one timed step per variant: a smoke run (transformers'
+                                              # early updates run slower, e.g. small 1.2 s vs 0.8 s:
+                                              # quote --repeats 2 or more)
     python benchmarks/train_step.py --cases pretrain-base pretrain-small   # pretraining only
 
 (benchmarks/pretrain.py times the pretraining cases one variant per process and adds peak memory.)
