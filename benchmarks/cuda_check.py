@@ -7,10 +7,13 @@ single, "auto" precision picks bf16, bf16 logits/argmax close to float32, float3
 transformers' (tiny config). Then measures the device's matmul peak (8192^3, fp32 without TF32 and
 bf16) and times, ours vs transformers in float32 and bf16 (autocast for transformers; SDPA picks
 flash attention for both where it can): inference (BASE, 1 x 10 s, 1 x 60 s, 8 x 10 s), with
-``torch.compile`` of ours in bf16 where it compiles; one CTC update (BASE 2 x 10 s, small 8 x 4 s,
+one CTC update (BASE 2 x 10 s, small 8 x 4 s,
 feature encoder frozen and trained); one pretraining update (train_step.py's, same mask and
-negatives). Each row reports model GFLOP/s and its share of the peak (for training updates:
-model-FLOPs utilisation, backward = 2x the forward of what it reaches).
+negatives); last, ours in bf16 eager against ``torch.compile``. Each row reports model GFLOP/s
+and its share of the peak (for training updates: model-FLOPs utilisation, backward = 2x the
+forward of what it reaches).
+
+    python benchmarks/cuda_check.py --parts correctness,inference,training   # one part per call
 
     python benchmarks/cuda_check.py --dry --quick   # tiny models on the CPU: tests the script
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 import harness  # also puts this checkout first on sys.path
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 import transformers
 
 import w2v2
@@ -127,20 +131,14 @@ def check_correctness() -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # PyTorch defaults
 
 
-def bench_inference(repeats: int, peak: dict, compile_: bool) -> None:
+def bench_inference(repeats: int, peak: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = pair("base", tmp)
-    print("\n| input | transformers fp32 | transformers bf16 autocast | ours fp32 | ours bf16 | ours bf16 compiled | "
+    print("\n| input | transformers fp32 | transformers bf16 autocast | ours fp32 | ours bf16 | "
           "ours bf16 vs tf fp32 | ours bf16 vs tf bf16 | ours bf16 GFLOP/s (% bf16 peak) | tf bf16 GFLOP/s (%) | "
           "peak MiB tf fp32 / ours bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    compiled = None
-    if compile_:
-        try:
-            compiled = torch.compile(ours)
-        except Exception as e:  # noqa: BLE001 -- report and go on
-            print(f"torch.compile failed: {type(e).__name__}: {e}")
-    for seconds, batch in ((10, 1), (60, 1), (10, 8)):
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seconds, batch in INPUTS:
         x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
         xn = harness.normalized(x)
 
@@ -150,40 +148,64 @@ def bench_inference(repeats: int, peak: dict, compile_: bool) -> None:
                     hf(xn)
             return run
 
-        def us(prec, model=ours):
-            def run():
-                ours.set_precision(prec)
-                with torch.inference_mode():
-                    model(x)
-            return run
-
-        fns = {"tf32": tf(False), "tf16": tf(True), "o32": us("fp32"), "o16": us("bf16")}
-        comp = "n/a"
-        if compiled is not None:
-            try:
-                us("bf16", compiled)()  # compile outside the timing
-                fns["oc"] = us("bf16", compiled)
-            except Exception as e:  # noqa: BLE001
-                comp = f"failed ({type(e).__name__})"
-                compiled = None
+        fns = {"tf32": tf(False), "tf16": tf(True), "o32": ours_run(ours, x, "fp32"), "o16": ours_run(ours, x, "bf16")}
         t = timed(fns, repeats)
-        if "oc" in t:
-            comp = f"{t['oc'] * 1e3:.1f} ms"
-        mem = {}
-        for k in ("tf32", "o16"):
-            if DEV != "cuda":
-                mem[k] = float("nan")
-                continue
-            sync()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fns[k]()
-            mem[k] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        mem = {k: peak_mib(fns[k]) for k in ("tf32", "o16")}
         gf = batch * sum(harness.forward_flops(ours.config, x.shape[1]).values()) / 1e9
         print(f"| {batch} x {seconds} s | {t['tf32'] * 1e3:.1f} ms | {t['tf16'] * 1e3:.1f} ms | {t['o32'] * 1e3:.1f} ms | "
-              f"{t['o16'] * 1e3:.1f} ms | {comp} | {t['tf32'] / t['o16']:.2f}x | {t['tf16'] / t['o16']:.2f}x | "
+              f"{t['o16'] * 1e3:.1f} ms | {t['tf32'] / t['o16']:.2f}x | {t['tf16'] / t['o16']:.2f}x | "
               f"{gf / t['o16']:.0f} ({100 * gf / t['o16'] / peak['bf16']:.0f}%) | "
               f"{gf / t['tf16']:.0f} ({100 * gf / t['tf16'] / peak['bf16']:.0f}%) | {mem['tf32']:.0f} / {mem['o16']:.0f} |")
+
+
+def bench_compiled(repeats: int, peak: dict) -> None:
+    """Ours in bf16, eager against ``torch.compile`` (compiling outside the timing; one compile per
+    input shape). Last in the run: compiling can take minutes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ours = pair("base", tmp)
+    print("\n| input | ours bf16 eager | ours bf16 torch.compile | compile time | speedup | compiled GFLOP/s (% bf16 peak) |")
+    print("|---|---|---|---|---|---|")
+    ours.set_precision("bf16")
+    compiled = torch.compile(ours, backend="eager" if DRY else "inductor")  # dry: tracing only
+    for seconds, batch in INPUTS:
+        x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
+        fns = {"eager": ours_run(ours, x, "bf16"), "compiled": ours_run(compiled, x, "bf16")}
+        t0 = time.perf_counter()
+        try:
+            fns["compiled"]()
+            sync()
+        except Exception as e:  # noqa: BLE001 -- report and go on
+            print(f"| {batch} x {seconds} s | | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | |")
+            return
+        compile_s = time.perf_counter() - t0
+        t = timed(fns, repeats)
+        gf = batch * sum(harness.forward_flops(ours.config, x.shape[1]).values()) / 1e9
+        print(f"| {batch} x {seconds} s | {t['eager'] * 1e3:.1f} ms | {t['compiled'] * 1e3:.1f} ms | {compile_s:.0f} s | "
+              f"{t['eager'] / t['compiled']:.2f}x | {gf / t['compiled']:.0f} "
+              f"({100 * gf / t['compiled'] / peak['bf16']:.0f}%) |")
+
+
+INPUTS = ((10, 1), (60, 1), (10, 8))  # (seconds, batch)
+
+
+def ours_run(model, x: Tensor, precision: str):
+    """One inference of ``model`` (ours, or ours compiled) at ``precision``."""
+    def run():
+        getattr(model, "_orig_mod", model).set_precision(precision)
+        with torch.inference_mode():
+            model(x)
+    return run
+
+
+def peak_mib(fn) -> float:
+    """Peak CUDA memory of one call of fn above what was allocated before it (nan off CUDA)."""
+    if DEV != "cuda":
+        return float("nan")
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 def bench_training(repeats: int, peak: dict) -> None:
@@ -217,22 +239,36 @@ def bench_training(repeats: int, peak: dict) -> None:
             torch.cuda.empty_cache()
 
 
+PARTS = ("correctness", "inference", "training", "compile")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dry", action="store_true", help="tiny models on the CPU (tests this script)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated, run in this order: {', '.join(PARTS)} (default: all)")
     args = p.parse_args()
+    parts = [s for s in args.parts.split(",") if s]
+    if unknown := set(parts) - set(PARTS):
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     global DEV, DRY
     if args.dry:
         DEV, DRY = "cpu", True
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU dry run'}")
-    check_correctness()
-    peak = device_peak()
-    print(f"\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s (TF32 off), bf16 {peak['bf16']:.0f} GFLOP/s")
-    bench_inference(3 if args.quick else 10, peak, compile_=not args.no_compile and not args.dry)
-    bench_training(2 if args.quick else 5, peak)
+    if "correctness" in parts:
+        check_correctness()
+    if set(parts) - {"correctness"}:
+        peak = device_peak()
+        print(f"\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s (TF32 off), bf16 {peak['bf16']:.0f} GFLOP/s")
+    repeats = 3 if args.quick else 10
+    if "inference" in parts:
+        bench_inference(repeats, peak)
+    if "training" in parts:
+        bench_training(2 if args.quick else 5, peak)
+    if "compile" in parts:
+        bench_compiled(repeats, peak)
 
 
 if __name__ == "__main__":

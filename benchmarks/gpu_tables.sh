@@ -1,29 +1,55 @@
 #!/usr/bin/env bash
-# The speed tables of docs/performance.md on a CUDA GPU, in one call of about 6-8 minutes (the
-# `device` tool: one prepared call, then give the machine back). Writes $OUT/*.txt.
+# The speed tables of docs/performance.md on a CUDA GPU, in one call (the `device` tool: one
+# prepared call, then give the machine back). Writes $OUT/*.txt, each step's output as it comes.
 #
-#   OUT=$OUT benchmarks/gpu_tables.sh                  # on the GPU machine, repository root
+#   OUT=$OUT DEADLINE=560 benchmarks/gpu_tables.sh     # on the GPU machine, repository root
 #
-# 1. cuda_check.py: correctness (fp32 parity, padded batch, auto -> bf16, gradients), the device's
-#    matmul peak, inference (1 x 10 s, 1 x 60 s, 8 x 10 s; fp32, bf16, bf16 + torch.compile) and
-#    training updates (CTC frozen/trained, pretraining) with GFLOP/s and model-FLOPs utilisation;
-# 2. pretrain.py --device cuda: pretraining update time and peak GPU memory, one process per variant;
-# 3. transcribe.py --device cuda: RTF and memory against transformers' pipeline, bf16 and fp32,
-#    on real speech when a folder of clips is carried as .gpu/clips (skipped otherwise).
+# Steps, most wanted first; each gets at most its own limit and what is left of DEADLINE seconds
+# (default 560), and a step with under 20 s left is skipped, so a slow step costs the later ones,
+# never the whole call:
+#   cuda_check.py (correctness: fp32 parity, padded batch, auto -> bf16, gradients; the device's
+#     matmul peak; inference 1 x 10 s, 1 x 60 s, 8 x 10 s in fp32 and bf16; CTC (frozen/trained)
+#     and pretraining updates with GFLOP/s and model-FLOPs utilisation);
+#   cuda_check.py --parts compile (ours in bf16, eager against torch.compile);
+#   transcribe.py --device cuda --precision bf16 (RTF and memory against transformers' pipeline,
+#     on real speech when a folder of clips is carried as .gpu/clips; skipped otherwise);
+#   pretrain.py --device cuda (update time and peak GPU memory, one process per variant);
+#   the CUDA tests of the test suite (skipped on machines without a GPU);
+#   transcribe.py --device cuda --precision fp32.
 # Wheels missing from the GPU image (soundfile, soxr, jiwer, ...) install from .gpu/whl when carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-560}
+START=$SECONDS
+export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+LOG="$OUT/machine.txt"
+
+step() {  # step NAME MAX_SECONDS COMMAND...: run it with what is left, its output to $OUT/NAME.txt
+  local name=$1 max=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - START)))
+  local limit=$((max < left ? max : left))
+  if [ "$limit" -lt 20 ]; then echo "$name: skipped, ${left} s left" | tee -a "$LOG"; return; fi
+  local t0=$SECONDS
+  timeout -k 5 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "Writing|Loading" | tee "$OUT/$name.txt"
+  echo "$name: exit ${PIPESTATUS[0]}, $((SECONDS - t0)) s (limit $limit s)" | tee -a "$LOG"
+}
+
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps --no-index .gpu/whl/*.whl 2>&1 | tail -2; fi
-export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  git log --oneline -1 2>/dev/null; } | tee "$OUT/machine.txt"
-timeout 300 python3 benchmarks/cuda_check.py --quick 2>&1 | grep -v -E "Writing|Loading" | tee "$OUT/cuda_check.txt"
-timeout 150 python3 benchmarks/pretrain.py --device cuda --repeats 5 2>&1 | grep -v Writing | tee "$OUT/pretrain.txt"
+  nproc; git log --oneline -1 2>/dev/null; } | tee "$LOG"
+
+step cuda_check 220 python3 benchmarks/cuda_check.py --parts correctness,inference,training
+step compile 150 python3 benchmarks/cuda_check.py --parts compile
 if [ -d .gpu/clips ]; then
-  for prec in bf16 fp32; do
-    timeout 90 python3 benchmarks/transcribe.py --device cuda --precision $prec --sizes 60s,20min \
-      --audio-dir .gpu/clips 2>&1 | grep -v -E "Writing|Loading" | tee "$OUT/transcribe_$prec.txt"
-  done
+  step transcribe_bf16 80 python3 benchmarks/transcribe.py --device cuda --precision bf16 \
+    --sizes 60s,20min,60min --audio-dir .gpu/clips
 fi
+step pretrain 100 python3 benchmarks/pretrain.py --device cuda --repeats 5
+step pytest_cuda 50 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_emissions.py tests/test_transcribe.py
+if [ -d .gpu/clips ]; then
+  step transcribe_fp32 50 python3 benchmarks/transcribe.py --device cuda --precision fp32 \
+    --sizes 60s,20min --audio-dir .gpu/clips
+fi
+echo "total $((SECONDS - START)) s" | tee -a "$LOG"

@@ -270,3 +270,20 @@ def test_first_conv_gelu_gradients(batch, monkeypatch):
     assert max_diff(h.double(), ref) < 1e-5
     for a, e in zip(got, want):
         assert max_diff(a.double(), e) < 1e-4 * (1 + e.abs().max().item())
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_torch_compile_traces_one_graph(norm):
+    """Under ``torch.compile`` the model takes plain PyTorch ops (no oneDNN calls, derived-weight
+    cache or host sync): inference and a training forward trace as one graph each, equal to eager."""
+    model = tiny_model(norm)
+    x = torch.randn(2, 6000)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    with torch.inference_mode():
+        assert max_diff(compiled(x).logits, model(x).logits) < 1e-5
+    model.train()
+    loss = compiled(x).logits.square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    torch._dynamo.reset()

@@ -65,7 +65,7 @@ class ChunkPlan:
 
     def frames(self, samples: int) -> int:
         """Frames the feature encoder makes of ``samples`` samples (0 when shorter than one frame)."""
-        return int(conv_output_lengths(torch.tensor(samples), self.conv_kernel, self.conv_stride))
+        return conv_output_lengths(samples, self.conv_kernel, self.conv_stride)
 
 
 def plan_chunks(chunk_seconds: float, stride_seconds: float, config: ModelConfig | None = None) -> ChunkPlan:

@@ -30,8 +30,9 @@ _HAS_OPS = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_p
 
 
 def onednn_ok(*tensors: Tensor) -> bool:
-    """Whether oneDNN kernels apply: CPU tensors of one dtype (float32, or bfloat16 where supported)."""
-    if not ENABLED or not _HAS_OPS or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+    """Whether oneDNN kernels apply: CPU tensors of one dtype (float32, or bfloat16 where supported),
+    outside ``torch.compile`` (whose compiler fuses the plain ops itself)."""
+    if torch.compiler.is_compiling() or not ENABLED or not _HAS_OPS or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
         return False
     t0 = tensors[0]
     if t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.bfloat16) or t0.numel() == 0:
@@ -60,8 +61,8 @@ def cached(owner: nn.Module, key, params: tuple[Tensor, ...], make: Callable[[],
     """``make()``, remembered on ``owner`` until one of ``params`` changes (in place, or moved).
 
     Under autograd (a parameter requires grad and grad mode is on) ``make()`` runs every call so
-    that its result is part of the graph."""
-    if needs_grad(*params):
+    that its result is part of the graph, and under ``torch.compile``, whose graph computes it."""
+    if needs_grad(*params) or torch.compiler.is_compiling():
         return make()
     stamp = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
     slots = _CACHE.setdefault(owner, {})
@@ -184,10 +185,11 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """``F.dropout`` with a faster mask on CPUs (same semantics, different random stream)."""
+    """``F.dropout`` with a faster mask on CPUs (same semantics, different random stream); plain
+    ``F.dropout`` on other devices and under ``torch.compile``."""
     if not training or p == 0:
         return x
-    if p >= 1 or x.device.type != "cpu":
+    if p >= 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     return _Dropout.apply(x, p)
 

@@ -23,11 +23,12 @@ def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def conv_output_lengths(lengths: Tensor, kernels, strides) -> Tensor:
-    """Valid output frames of a stack of unpadded 1-D convolutions."""
+def conv_output_lengths(lengths: Tensor | int, kernels, strides) -> Tensor | int:
+    """Valid output frames of a stack of unpadded 1-D convolutions, for a tensor of sample counts
+    or one count (an int: plain arithmetic, no tensor, which ``torch.compile`` traces as a constant)."""
     for k, s in zip(kernels, strides):
-        lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
-    return lengths.clamp(min=0)
+        lengths = (lengths - k) // s + 1  # floor division, also for tensors
+    return lengths.clamp(min=0) if isinstance(lengths, Tensor) else max(lengths, 0)
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -185,7 +186,7 @@ class FeatureEncoder(nn.Module):
 
     def _chunked(self, wav: Tensor, w0: Tensor, b0: Tensor | None, dtype) -> Tensor:
         """:meth:`_stack` over spans of the waveform, ``chunk_frames`` output frames at a time."""
-        frames = int(conv_output_lengths(torch.tensor(wav.shape[1]), self.kernels, self.strides))
+        frames = conv_output_lengths(wav.shape[1], self.kernels, self.strides)
         step = self.chunk_frames.get(wav.device.type, 4096)
         step = max(min(16, step), step // max(1, wav.shape[0]))
         if frames <= step:
