@@ -6,16 +6,18 @@
 #
 # Steps, most wanted first; each gets at most its own limit and what is left of DEADLINE seconds
 # (default 560), and a step with under 20 s left is skipped, so a slow step costs the later ones,
-# never the whole call:
+# never the whole call (limits from the H200 run of 2026-11-27, benchmarks/results/):
 #   cuda_check.py (correctness: fp32 parity, padded batch, auto -> bf16, gradients; the device's
 #     matmul peak; inference 1 x 10 s, 1 x 60 s, 8 x 10 s in fp32 and bf16; CTC (frozen/trained)
-#     and pretraining updates with GFLOP/s and model-FLOPs utilisation);
-#   cuda_check.py --parts compile (ours in bf16, eager against torch.compile);
-#   transcribe.py --device cuda --precision bf16 (RTF and memory against transformers' pipeline,
-#     on real speech when a folder of clips is carried as .gpu/clips; skipped otherwise);
+#     and pretraining updates with GFLOP/s and model-FLOPs utilisation): ~60 s;
+#   transcribe.py --device cuda --precision bf16 --warm (RTF and memory against transformers'
+#     pipeline, setup timed apart, on real speech when a folder of clips is carried as .gpu/clips;
+#     skipped otherwise): each engine and input is a fresh process, ~15-20 s each before any work;
 #   pretrain.py --device cuda (update time and peak GPU memory, one process per variant);
-#   the CUDA tests of the test suite (skipped on machines without a GPU);
-#   transcribe.py --device cuda --precision fp32.
+#   transcribe.py --device cuda --precision fp32 --warm;
+#   the CUDA tests of the test suite (skipped on machines without a GPU): ~12 s;
+#   cuda_check.py --parts compile (ours in bf16, eager against torch.compile with CUDA graphs):
+#     ~25-30 s of compiling per input shape.
 # Wheels missing from the GPU image (soundfile, soxr, jiwer, ...) install from .gpu/whl when carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,18 +40,18 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run it with what is left, its outp
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps --no-index .gpu/whl/*.whl 2>&1 | tail -2; fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  nproc; git log --oneline -1 2>/dev/null; } | tee "$LOG"
+  nproc; } | tee "$LOG"
 
-step cuda_check 220 python3 benchmarks/cuda_check.py --parts correctness,inference,training
-step compile 150 python3 benchmarks/cuda_check.py --parts compile
+step cuda_check 120 python3 benchmarks/cuda_check.py --parts correctness,inference,training
 if [ -d .gpu/clips ]; then
-  step transcribe_bf16 80 python3 benchmarks/transcribe.py --device cuda --precision bf16 \
+  step transcribe_bf16 150 python3 benchmarks/transcribe.py --device cuda --precision bf16 --warm \
     --sizes 60s,20min,60min --audio-dir .gpu/clips
 fi
-step pretrain 100 python3 benchmarks/pretrain.py --device cuda --repeats 5
-step pytest_cuda 50 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_emissions.py tests/test_transcribe.py
+step pretrain 120 python3 benchmarks/pretrain.py --device cuda --repeats 5
 if [ -d .gpu/clips ]; then
-  step transcribe_fp32 50 python3 benchmarks/transcribe.py --device cuda --precision fp32 \
+  step transcribe_fp32 100 python3 benchmarks/transcribe.py --device cuda --precision fp32 --warm \
     --sizes 60s,20min --audio-dir .gpu/clips
 fi
+step pytest_cuda 30 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_emissions.py tests/test_transcribe.py
+step compile 150 python3 benchmarks/cuda_check.py --parts compile
 echo "total $((SECONDS - START)) s" | tee -a "$LOG"

@@ -86,8 +86,12 @@ def main() -> None:
         label = f"{name.removeprefix('pretrain-')} {min(batch, 2)} x {DRY_SECONDS:g} s (dry: tiny)" if args.dry \
             else f"{name.removeprefix('pretrain-')} {batch} x {seconds:g} s"
         for prec in PRECISIONS:
-            r = {lib: harness.child_json([str(Path(__file__).resolve()), "--worker", name, lib, prec, *passed],
-                                         timeout=3600) for lib in LIBS}
+            r = {}
+            for lib in LIBS:  # each variant's line as it finishes: a run cut short keeps what it measured
+                r[lib] = harness.child_json([str(Path(__file__).resolve()), "--worker", name, lib, prec, *passed],
+                                            timeout=3600)
+                print(f"{label}, {prec}, {lib}: " + (f"{r[lib]['seconds']:.4f} s, {r[lib]['peak_mib']:.0f} MiB"
+                                                      if r[lib] else "failed"), flush=True)
             ok = r["tf"] is not None and r["ours"] is not None
             rows.append([label, prec,
                          *(f"{r[lib]['seconds']:.3f}" if r[lib] else "failed" for lib in LIBS),
@@ -95,7 +99,7 @@ def main() -> None:
                          *(f"{r[lib]['peak_mib']:.0f}" if r[lib] else "failed" for lib in LIBS),
                          f"{r['tf']['peak_mib'] / max(r['ours']['peak_mib'], 1e-9):.2f}x" if ok else "-"])
     memory = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS"
-    print("# w2v2 pretraining update (forward + backward + AdamW) vs transformers Wav2Vec2ForPreTraining")
+    print("\n# w2v2 pretraining update (forward + backward + AdamW) vs transformers Wav2Vec2ForPreTraining")
     print(f"torch {torch.__version__}, {args.device}: "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else platform.processor() or platform.machine()}, "
           f"threads {args.threads}, clock {args.clock}, repeats {args.repeats}, one process per variant; "
