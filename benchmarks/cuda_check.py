@@ -6,10 +6,11 @@ Checks: float32 logits equal transformers' (TF32 off) for both norm variants, pa
 single, "auto" precision picks bf16, bf16 logits/argmax close to float32, float32 gradients equal
 transformers' (tiny config). Then measures the device's matmul peak (8192^3, fp32 without TF32 and
 bf16) and times, ours vs transformers in float32 and bf16 (autocast for transformers; SDPA picks
-flash attention for both where it can): inference (BASE, 1 x 10 s, 1 x 60 s, 8 x 10 s), with
-one CTC update (BASE 2 x 10 s, small 8 x 4 s,
-feature encoder frozen and trained); one pretraining update (train_step.py's, same mask and
-negatives); last, ours in bf16 eager against ``torch.compile``. Each row reports model GFLOP/s
+flash attention for both where it can): inference (BASE, 1 x 10 s, 1 x 60 s, 8 x 10 s), one
+CTC update (BASE 2 x 10 s, small 8 x 4 s, feature encoder frozen and trained), one pretraining
+update (train_step.py's, same mask and negatives); last, ours in bf16 eager against ``torch.compile``. The ``cold`` part times each
+variant's first and second call in a fresh process (one-time setup: CUDA context, cuBLAS/cuDNN
+plans) and profiles a first call on a new input shape. Each row reports model GFLOP/s
 and its share of the peak (for training updates: model-FLOPs utilisation, backward = 2x the
 forward of what it reaches).
 
@@ -187,6 +188,63 @@ def bench_compiled(repeats: int, peak: dict, mode: str) -> None:
               f"({100 * gf / t['compiled'] / peak['bf16']:.0f}%) |")
 
 
+COLD_VARIANTS = ("tf fp32", "tf bf16", "ours fp32", "ours bf16")
+COLD_SHAPES = (60, 50)  # seconds, one utterance: a first shape, then a new one
+
+
+def cold_worker(variant: str) -> dict:
+    """In a fresh process: the first and second call of ``variant`` on a 60 s input, then on a new
+    shape (50 s), and the profile of a third new shape's first call (40 s): what one-time work
+    (CUDA context, cuBLAS/cuDNN plans) costs each variant before its steady state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours = pair("base", tmp)
+    lib, prec = variant.split()
+
+    inputs = {s: torch.randn(1, int((0.5 if DRY else 1) * s * 16000), device=DEV) for s in (*COLD_SHAPES, 40)}
+
+    def call(seconds):
+        x = inputs[seconds]
+        with torch.inference_mode():
+            if lib == "tf":
+                with torch.autocast(DEV, torch.bfloat16, enabled=prec == "bf16"):
+                    hf(harness.normalized(x))
+            else:
+                ours.set_precision(prec)
+                ours(x)
+        sync()
+
+    out = {}
+    for seconds in COLD_SHAPES:
+        for k in ("first", "second"):
+            t0 = time.perf_counter()
+            call(seconds)
+            out[f"{seconds} s {k}"] = time.perf_counter() - t0
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        call(40)
+    out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50)
+    return out
+
+
+def bench_cold() -> None:
+    """:func:`cold_worker` for each variant, each in its own process."""
+    print("\n| variant | 60 s first call | 60 s second | 50 s (new shape) first | 50 s second |")
+    print("|---|---|---|---|---|")
+    profiles = {}
+    for variant in COLD_VARIANTS:
+        r = harness.child_json([str(Path(__file__).resolve()), "--cold-worker", variant, *(["--dry"] if DRY else [])],
+                               timeout=300)
+        if r is None:
+            print(f"| {variant} | failed | | | |")
+            continue
+        print(f"| {variant} | " + " | ".join(f"{r[f'{s} s {k}'] * 1e3:.1f} ms" for s in COLD_SHAPES
+                                              for k in ("first", "second")) + " |")
+        profiles[variant] = r["profile"]
+    for variant in ("ours bf16", "tf bf16"):
+        if variant in profiles:
+            print(f"\nFirst call on a new shape (40 s), {variant}, by self CPU time:\n{profiles[variant]}")
+
+
 INPUTS = ((10, 1), (60, 1), (10, 8))  # (seconds, batch)
 
 
@@ -241,7 +299,7 @@ def bench_training(repeats: int, peak: dict) -> None:
             torch.cuda.empty_cache()
 
 
-PARTS = ("correctness", "inference", "training", "compile")
+PARTS = ("correctness", "inference", "cold", "training", "compile")
 
 
 def main() -> None:
@@ -252,6 +310,7 @@ def main() -> None:
                    help=f"comma-separated, run in this order: {', '.join(PARTS)} (default: all)")
     p.add_argument("--compile-mode", default="reduce-overhead",
                    help="torch.compile mode of the compile part (default: reduce-overhead, i.e. CUDA graphs)")
+    p.add_argument("--cold-worker", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args()
     parts = [s for s in args.parts.split(",") if s]
     if unknown := set(parts) - set(PARTS):
@@ -259,16 +318,21 @@ def main() -> None:
     global DEV, DRY
     if args.dry:
         DEV, DRY = "cpu", True
+    if args.cold_worker:
+        print(json.dumps(cold_worker(args.cold_worker)))
+        return
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU dry run'}")
     if "correctness" in parts:
         check_correctness()
-    if set(parts) - {"correctness"}:
+    if set(parts) - {"correctness", "cold"}:
         peak = device_peak()
         print(f"\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s (TF32 off), bf16 {peak['bf16']:.0f} GFLOP/s")
     repeats = 3 if args.quick else 10
     if "inference" in parts:
         bench_inference(repeats, peak)
+    if "cold" in parts:
+        bench_cold()
     if "training" in parts:
         bench_training(2 if args.quick else 5, peak)
     if "compile" in parts:
