@@ -8,7 +8,8 @@ transformers' (tiny config). Then measures the device's matmul peak (8192^3, fp3
 bf16) and times, ours vs transformers in float32 and bf16 (autocast for transformers; SDPA picks
 flash attention for both where it can): inference (BASE, 1 x 10 s, 1 x 60 s, 8 x 10 s), one
 CTC update (BASE 2 x 10 s, small 8 x 4 s, feature encoder frozen and trained), one pretraining
-update (train_step.py's, same mask and negatives); last, ours in bf16 eager against ``torch.compile``. The ``cold`` part times each
+update (train_step.py's, same mask and negatives), both also for BASE at a realistic batch
+(4 x 22 s, fairseq's 1.4 M samples per GPU); last, ours in bf16 eager against ``torch.compile``. The ``cold`` part times each
 variant's first and second call in a fresh process (one-time setup: CUDA context, cuBLAS/cuDNN
 plans) and profiles a first call on a new input shape. Each row reports model GFLOP/s
 and its share of the peak (for training updates: model-FLOPs utilisation, backward = 2x the
@@ -277,6 +278,8 @@ def bench_training(repeats: int, peak: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     cases = [(name, b, s, enc) for name, b, s in (("base", 2, 10), ("small", 8, 4)) for enc in ("frozen", "trained")]
     cases += [("pretrain-base", 2, 10, "trained"), ("pretrain-small", 8, 4, "trained")]
+    # utilisation at a realistic batch: fairseq's BASE recipe has 1.4 M samples (87.5 s) per GPU
+    cases += [("base", 4, 22, "frozen"), ("pretrain-base", 4, 22, "trained")]
     for name, batch, seconds, encoder in cases:
         hf, ours = train_step.model_pair(name, "tiny" if DRY else None, frozen_encoder=encoder == "frozen")
         hf, ours = hf.to(DEV), ours.to(DEV)

@@ -9,7 +9,7 @@
 # never the whole call (limits from the H200 run of 2026-11-27, benchmarks/results/):
 #   cuda_check.py (correctness: fp32 parity, padded batch, auto -> bf16, gradients; the device's
 #     matmul peak; inference 1 x 10 s, 1 x 60 s, 8 x 10 s in fp32 and bf16; CTC (frozen/trained)
-#     and pretraining updates with GFLOP/s and model-FLOPs utilisation): ~60 s;
+#     and pretraining updates with GFLOP/s and model-FLOPs utilisation, also BASE at 4 x 22 s): ~75 s;
 #   cuda_check.py --parts cold (first and second calls of each variant in a fresh process, on a
 #     first and a new input shape, and a profile of a first call: the one-time cost of bf16);
 #   transcribe.py --device cuda --precision bf16 --warm (RTF and memory against transformers'
