@@ -223,7 +223,15 @@ def cold_worker(variant: str) -> dict:
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         call(40)
-    out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50)
+    avg = prof.key_averages()
+    out["profile"] = avg.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50)
+    if DEV == "cuda":  # where the device time goes (the kernels' own names: e.g. which convolution)
+        for key in ("self_device_time_total", "self_cuda_time_total"):
+            try:
+                out["profile"] += "\nby device time:\n" + avg.table(sort_by=key, row_limit=10, max_name_column_width=60)
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
     return out
 
 
@@ -241,7 +249,7 @@ def bench_cold() -> None:
         print(f"| {variant} | " + " | ".join(f"{r[f'{s} s {k}'] * 1e3:.1f} ms" for s in COLD_SHAPES
                                               for k in ("first", "second")) + " |")
         profiles[variant] = r["profile"]
-    for variant in ("ours bf16", "tf bf16"):
+    for variant in ("ours bf16", "ours fp32", "tf bf16"):
         if variant in profiles:
             print(f"\nFirst call on a new shape (40 s), {variant}, by self CPU time:\n{profiles[variant]}")
 
