@@ -21,7 +21,7 @@
 #   cuda_check.py --parts compile (ours in bf16, eager against torch.compile with CUDA graphs):
 #     ~25-30 s of compiling per input shape.
 # Wheels missing from the GPU image (soundfile, soxr, jiwer, ...) install from .gpu/whl when carried.
-# Prepare both once, here (.gpu/ is in .git/info/exclude; carry .gpu/whl and .gpu/clips):
+# Prepare both once, here (.gpu/ is git-ignored; carry .gpu/whl and .gpu/clips):
 #   cp -r ../shared/data/librispeech-unlabeled .gpu/clips
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
