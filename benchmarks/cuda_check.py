@@ -142,15 +142,8 @@ def bench_inference(repeats: int, peak: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seconds, batch in INPUTS:
         x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
-        xn = harness.normalized(x)
-
-        def tf(bf16):
-            def run():
-                with torch.inference_mode(), torch.autocast(DEV, torch.bfloat16, enabled=bf16):
-                    hf(xn)
-            return run
-
-        fns = {"tf32": tf(False), "tf16": tf(True), "o32": ours_run(ours, x, "fp32"), "o16": ours_run(ours, x, "bf16")}
+        fns = {"tf32": tf_run(hf, x, "fp32"), "tf16": tf_run(hf, x, "bf16"), "o32": ours_run(ours, x, "fp32"),
+               "o16": ours_run(ours, x, "bf16")}
         t = timed(fns, repeats)
         mem = {k: peak_mib(fns[k]) for k in ("tf32", "o16")}
         gf = batch * sum(harness.forward_flops(ours.config, x.shape[1]).values()) / 1e9
@@ -200,29 +193,20 @@ def cold_worker(variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = pair("base", tmp)
     lib, prec = variant.split()
-
-    inputs = {s: torch.randn(1, int((0.5 if DRY else 1) * s * 16000), device=DEV) for s in (*COLD_SHAPES, 40)}
-
-    def call(seconds):
-        x = inputs[seconds]
-        with torch.inference_mode():
-            if lib == "tf":
-                with torch.autocast(DEV, torch.bfloat16, enabled=prec == "bf16"):
-                    hf(harness.normalized(x))
-            else:
-                ours.set_precision(prec)
-                ours(x)
-        sync()
-
+    runner, model = (tf_run, hf) if lib == "tf" else (ours_run, ours)
+    calls = {s: runner(model, torch.randn(1, int((0.5 if DRY else 1) * s * 16000), device=DEV), prec)
+             for s in (*COLD_SHAPES, 40)}
     out = {}
     for seconds in COLD_SHAPES:
         for k in ("first", "second"):
             t0 = time.perf_counter()
-            call(seconds)
+            calls[seconds]()
+            sync()
             out[f"{seconds} s {k}"] = time.perf_counter() - t0
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
-        call(40)
+        calls[40]()
+        sync()
     avg = prof.key_averages()
     out["profile"] = avg.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50)
     if DEV == "cuda":  # where the device time goes (the kernels' own names: e.g. which convolution)
@@ -255,6 +239,16 @@ def bench_cold() -> None:
 
 
 INPUTS = ((10, 1), (60, 1), (10, 8))  # (seconds, batch)
+
+
+def tf_run(hf, x: Tensor, precision: str):
+    """One inference of transformers' model on ``x`` (normalised here, once), bf16 = autocast."""
+    xn = harness.normalized(x)
+
+    def run():
+        with torch.inference_mode(), torch.autocast(DEV, torch.bfloat16, enabled=precision == "bf16"):
+            hf(xn)
+    return run
 
 
 def ours_run(model, x: Tensor, precision: str):

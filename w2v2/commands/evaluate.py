@@ -11,6 +11,8 @@ log = logging.getLogger("w2v2.evaluate")
 
 
 def add_arguments(p) -> None:
+    from ..precision import PRECISIONS
+
     p.add_argument("--model", default=None,
                    help="fine-tuned model: our run/checkpoint dir, HF dir or hub id, fairseq .pt")
     p.add_argument("--engine", choices=("w2v2", "pocketsphinx"), default="w2v2",
@@ -23,7 +25,7 @@ def add_arguments(p) -> None:
                    help="beam width; beam search is used when --beam or --lm is given, else greedy")
     p.add_argument("--batch-seconds", type=float, default=200.0, help="padded audio per forward pass")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="model arithmetic (auto: bf16 where the hardware runs it fast); compare fp32 and "
                         "bf16 WER/CER on your data before trusting the fast path")
     p.add_argument("--case", choices=("upper", "lower", "keep"), default=None,
