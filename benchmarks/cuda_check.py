@@ -36,7 +36,7 @@ from torch import Tensor
 import transformers
 
 import w2v2
-from w2v2 import convert
+from w2v2 import convert, kernels
 from w2v2.config import preset
 
 DEV = "cuda"
@@ -182,17 +182,21 @@ def bench_compiled(repeats: int, peak: dict, mode: str) -> None:
               f"({100 * gf / t['compiled'] / peak['bf16']:.0f}%) |")
 
 
-COLD_VARIANTS = ("tf fp32", "tf bf16", "ours fp32", "ours bf16")
+COLD_VARIANTS = ("tf fp32", "tf bf16", "ours fp32", "ours bf16", "ours bf16 channels-last")
 COLD_SHAPES = (60, 50)  # seconds, one utterance: a first shape, then a new one
 
 
 def cold_worker(variant: str) -> dict:
     """In a fresh process: the first and second call of ``variant`` on a 60 s input, then on a new
     shape (50 s), and the profile of a third new shape's first call (40 s): what one-time work
-    (CUDA context, cuBLAS/cuDNN plans) costs each variant before its steady state."""
+    (CUDA context, cuBLAS/cuDNN plans) costs each variant before its steady state. "channels-last"
+    runs our convolutions as height-1 channels-last images on the GPU too (the CPU's layout; the
+    layout of the first H200 run, whose first bf16 call cost ~1.8 s more than transformers')."""
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = pair("base", tmp)
-    lib, prec = variant.split()
+    lib, prec, *layout = variant.split()
+    if layout:
+        kernels.CHANNELS_LAST.add(torch.device(DEV).type)
     runner, model = (tf_run, hf) if lib == "tf" else (ours_run, ours)
     calls = {s: runner(model, torch.randn(1, int((0.5 if DRY else 1) * s * 16000), device=DEV), prec)
              for s in (*COLD_SHAPES, 40)}
@@ -233,7 +237,7 @@ def bench_cold() -> None:
         print(f"| {variant} | " + " | ".join(f"{r[f'{s} s {k}'] * 1e3:.1f} ms" for s in COLD_SHAPES
                                               for k in ("first", "second")) + " |")
         profiles[variant] = r["profile"]
-    for variant in ("ours bf16", "ours fp32", "tf bf16"):
+    for variant in ("ours bf16", "ours bf16 channels-last", "ours fp32", "tf bf16"):
         if variant in profiles:
             print(f"\nFirst call on a new shape (40 s), {variant}, by self CPU time:\n{profiles[variant]}")
 

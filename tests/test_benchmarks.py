@@ -36,7 +36,7 @@ def test_cuda_check_dry_run_prints_every_table():
     assert len(table_rows(out, "1 x 10 s")) == 2  # inference, compile
     assert len(table_rows(out, "CTC")) == 10 and len(table_rows(out, "pretraining")) == 6
     cold = {r[0]: r[1:] for r in table_rows(out, "tf ") + table_rows(out, "ours ")}
-    assert set(cold) == {"tf fp32", "tf bf16", "ours fp32", "ours bf16"}
+    assert set(cold) == {"tf fp32", "tf bf16", "ours fp32", "ours bf16", "ours bf16 channels-last"}
     assert all(c.endswith(" ms") for cells in cold.values() for c in cells), cold
     assert "First call on a new shape (40 s), ours bf16" in out
 

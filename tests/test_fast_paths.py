@@ -33,9 +33,13 @@ def tiny_model(norm: str) -> w2v2.Wav2Vec2:
 # --------------------------------------------------------------------------- feature encoder
 @pytest.mark.parametrize("norm", ["group", "layer"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fast_feature_encoder_equals_reference_conv_stack(norm, padded, monkeypatch):
-    """Group norm folded into conv 0, channels-last convs, chunks in time (4 frames here, so
-    many chunk borders), and the autograd path: all equal the layer-by-layer stack to 1e-5."""
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+def test_fast_feature_encoder_equals_reference_conv_stack(norm, padded, layout, monkeypatch):
+    """Group norm folded into conv 0, convs channels-last (CPU) or channels first (the layout
+    other devices use), chunks in time (4 frames here, so many chunk borders), and the autograd
+    path: all equal the layer-by-layer stack to 1e-5."""
+    if layout == "channels_first":
+        monkeypatch.setattr(kernels, "CHANNELS_LAST", set())
     fe = tiny_model(norm).feature_extractor
     x = torch.randn(3, 9000)
     lengths = torch.tensor([9000, 6100, 3000]) if padded else None
@@ -82,17 +86,29 @@ def test_inference_and_autograd_paths_agree(norm):
 
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_onednn_and_plain_pytorch_agree(norm, monkeypatch):
+    """oneDNN kernels == plain PyTorch ops == plain ops with channels-first convs (the GPU's path);
+    the cached channels-last kernels are rebuilt for the other layout only on parameter change,
+    so the cache is cleared in between."""
     model = tiny_model(norm)
     x = torch.randn(2, 9000)
     fast = model.infer(x).logits
     monkeypatch.setattr(kernels, "ENABLED", False)
     plain = model.infer(x).logits
+    monkeypatch.setattr(kernels, "CHANNELS_LAST", set())
+    model.clear_cache()
+    first = model.infer(x).logits
     assert max_diff(fast, plain) <= 1e-5
+    assert max_diff(fast, first) <= 1e-5
 
 
 @pytest.mark.parametrize("norm", ["group", "layer"])
-def test_gradients_match_transformers(norm, tmp_path):
-    """One CTC loss, same weights: every parameter gradient equals transformers' in float32."""
+@pytest.mark.parametrize("path", ["onednn", "plain channels-first"])
+def test_gradients_match_transformers(norm, path, tmp_path, monkeypatch):
+    """One CTC loss, same weights: every parameter gradient equals transformers' in float32, on
+    the CPU's oneDNN kernels and on the plain ops with channels-first convolutions that a GPU runs."""
+    if path != "onednn":
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        monkeypatch.setattr(kernels, "CHANNELS_LAST", set())
     torch.manual_seed(0)
     hf = transformers.Wav2Vec2ForCTC(hf_tiny_config(norm, mask_time_prob=0.0)).train()
     perturb(hf)

@@ -2,9 +2,10 @@
 
 On x86 CPUs PyTorch runs float32 ``F.linear``/``torch.mm`` through MKL, which on AMD processors
 takes a slower code path; oneDNN (``torch.ops.mkldnn``) runs the same products about twice as
-fast, forward and backward, and fuses GELU or a residual add into the GEMM. Convolutions run
-channels-last (``(batch, channels, 1, time)`` views of ``(batch, time, channels)`` memory), which
-oneDNN handles without reordering, so the feature encoder never transposes.
+fast, forward and backward, and fuses GELU or a residual add into the GEMM. Convolutions on the
+CPU run channels-last (``(batch, channels, 1, time)`` views of ``(batch, time, channels)`` memory),
+which oneDNN handles without reordering, so the feature encoder never transposes; on other devices
+they run channels first, cuDNN's native layout (see :data:`CHANNELS_LAST`).
 
 Every function here returns what its ``torch.nn.functional`` counterpart returns, to float
 rounding; set ``W2V2_DISABLE_ONEDNN=1`` to use the plain PyTorch ops instead (for debugging).
@@ -27,6 +28,12 @@ from torch import Tensor, nn
 
 ENABLED = os.environ.get("W2V2_DISABLE_ONEDNN", "") in ("", "0")  # False: plain PyTorch ops only
 _HAS_OPS = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Device types whose convolutions over time run as channels-last images of height 1 (oneDNN's fast
+# layout). Elsewhere (CUDA, MPS) they run as channels-first ``conv1d``, as transformers runs them:
+# on an H200, our first bf16 call in a process cost ~1.8 s more than transformers' (channels-last
+# bf16 convolutions of height 1 in cuDNN are the suspect: unusual shapes for which cuDNN may build
+# kernels at run time; not yet measured apart, see benchmarks/cuda_check.py --parts cold).
+CHANNELS_LAST = {"cpu"}
 
 
 def onednn_ok(*tensors: Tensor) -> bool:
@@ -296,19 +303,22 @@ class _AttentionTrain(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- convolution
-def conv_time(x: Tensor, w4: Tensor, b: Tensor | None, *, stride: int = 1, padding: int = 0,
+def conv_time(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int = 1, padding: int = 0,
               groups: int = 1, gelu: bool = False) -> Tensor:
-    """1-D convolution over time on channels-last data, as a 2-D convolution of height 1.
-
-    x: (batch, time, channels) -> (batch, time', out_channels); w4: (out, in/groups, 1, kernel),
-    best in ``torch.channels_last`` memory format. The result is contiguous (batch, time', out)."""
+    """1-D convolution over time of channels-last data, x: (batch, time, channels) -> contiguous
+    (batch, time', out_channels), with ``w`` from :func:`conv_weight`: (out, in/groups, 1, kernel)
+    in channels-last memory runs as a 2-D convolution of height 1 without any transpose (oneDNN on
+    the CPU); (out, in/groups, kernel) runs as a channels-first ``conv1d`` between two transposes."""
+    if w.dim() == 3:
+        y = F.conv1d(x.transpose(1, 2).contiguous(), w, b, stride=stride, padding=padding, groups=groups)
+        return (F.gelu(y) if gelu else y).transpose(1, 2).contiguous()
     x4 = x.transpose(1, 2).unsqueeze(2)  # (batch, channels, 1, time): channels-last strides, no copy
-    if onednn_ok(x, w4, b) and not needs_grad(x, w4, b):
+    if onednn_ok(x, w, b) and not needs_grad(x, w, b):
         y = torch.ops.mkldnn._convolution_pointwise(
-            x4, w4, b, [0, padding], [1, stride], [1, 1], groups, "gelu" if gelu else "none", [None],
+            x4, w, b, [0, padding], [1, stride], [1, 1], groups, "gelu" if gelu else "none", [None],
             "none" if gelu else "")
     else:
-        y = F.conv2d(x4, w4, b, stride=(1, stride), padding=(0, padding), groups=groups)
+        y = F.conv2d(x4, w, b, stride=(1, stride), padding=(0, padding), groups=groups)
         if gelu:
             y = F.gelu(y)
     return y.squeeze(2).transpose(1, 2).contiguous()  # a no-op when the output is channels-last
@@ -327,7 +337,7 @@ class _ConvTimeTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, stride: int, gelu: bool) -> Tensor:
-        pre = conv_time(x, conv_weight_4d(w), b, stride=stride)
+        pre = conv_time(x, conv_weight(w), b, stride=stride)
         ctx.save_for_backward(x, w, pre if gelu else None)
         ctx.stride, ctx.has_bias, ctx.gelu = stride, b is not None, gelu
         return torch.ops.aten.gelu(pre) if gelu else pre
@@ -367,7 +377,7 @@ def conv_time_train(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int, gelu
     """:func:`conv_time` (then GELU) with w (out, in, kernel), differentiable; for the feature encoder."""
     if onednn_ok(x, w, b) and needs_grad(x, w, b):
         return _ConvTimeTrain.apply(x, w, b, stride, gelu)
-    y = conv_time(x, conv_weight_4d(w), b, stride=stride)
+    y = conv_time(x, conv_weight(w), b, stride=stride)
     return F.gelu(y) if gelu else y
 
 
@@ -437,7 +447,7 @@ class _GroupedConvTrain(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, padding: int, groups: int) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.padding, ctx.groups, ctx.has_bias = padding, groups, b is not None
-        return conv_time(x, conv_weight_4d(w), b, padding=padding, groups=groups)
+        return conv_time(x, conv_weight(w), b, padding=padding, groups=groups)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -447,7 +457,7 @@ class _GroupedConvTrain(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wf = w.view(g, cout // g, cg, k).transpose(1, 2).flip(-1).reshape(g * cg, cout // g, k)
-            dx = conv_time(grad, conv_weight_4d(wf), None, padding=k - 1 - p, groups=g)  # (batch, time, in)
+            dx = conv_time(grad, conv_weight(wf), None, padding=k - 1 - p, groups=g)  # (batch, time, in)
         if ctx.needs_input_grad[1]:
             xp = F.pad(x.transpose(1, 2), (p, p))  # (batch, in, time + 2p)
             xq = xp.reshape(bsz, g, cg, -1).permute(2, 1, 0, 3).reshape(cg, g * bsz, 1, -1)
@@ -464,12 +474,15 @@ def grouped_conv_time_train(x: Tensor, w: Tensor, b: Tensor | None, *, padding: 
     """:func:`conv_time` with w (out, in/groups, kernel), stride 1, differentiable; for the positional convolution."""
     if onednn_ok(x, w, b) and needs_grad(x, w, b):
         return _GroupedConvTrain.apply(x, w, b, padding, groups)
-    return conv_time(x, conv_weight_4d(w), b, padding=padding, groups=groups)
+    return conv_time(x, conv_weight(w), b, padding=padding, groups=groups)
 
 
-def conv_weight_4d(w: Tensor) -> Tensor:
-    """(out, in, kernel) -> (out, in, 1, kernel) in channels-last memory, for :func:`conv_time`."""
-    return w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+def conv_weight(w: Tensor) -> Tensor:
+    """(out, in, kernel) in the layout :func:`conv_time` takes on w's device: (out, in, 1, kernel)
+    in channels-last memory where :data:`CHANNELS_LAST` lists the device type, else contiguous."""
+    if w.device.type in CHANNELS_LAST:
+        return w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    return w.contiguous()
 
 
 def gelu_(x: Tensor) -> Tensor:

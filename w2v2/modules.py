@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kernels import (Dropout, attention, cached, conv_time, conv_time_train, conv_weight_4d, first_conv_gelu,
+from .kernels import (Dropout, attention, cached, conv_time, conv_time_train, conv_weight, first_conv_gelu,
                       gelu_, grouped_conv_time_train, linear, needs_grad, weight_as)
 
 
@@ -80,7 +80,8 @@ class FeatureEncoder(nn.Module):
     * the group norm after conv 0 (BASE) is a per-channel affine map whose statistics follow
       analytically from the (kernel x kernel) covariance of the waveform windows, so it is folded
       into conv 0's weights, which then run as one matrix product over the windows with GELU fused;
-    * every later conv runs channels-last, ``(batch, time, channels)`` memory throughout, no transposes;
+    * every later conv reads and writes ``(batch, time, channels)`` memory; on the CPU it runs
+      channels-last (oneDNN), no transposes; elsewhere channels first (``kernels.CHANNELS_LAST``);
     * without autograd the stack runs in time chunks of ``chunk_frames`` output frames for one
       utterance, ``chunk_frames / batch`` (at least 16) for a batch (each chunk reads the waveform
       span it depends on), so the large early activations never exist for the whole input: memory
@@ -177,11 +178,11 @@ class FeatureEncoder(nn.Module):
             if needs_grad(conv.weight, b):
                 h = conv_time_train(h, conv.weight.to(dtype), b, stride=stride, gelu=True)
                 continue
-            w4 = cached(layer, ("w4", dtype), (conv.weight,), lambda c=conv: conv_weight_4d(c.weight.to(dtype)))
+            w = cached(layer, ("conv_w", dtype), (conv.weight,), lambda c=conv: conv_weight(c.weight.to(dtype)))
             if layer.norm_kind == "layer":
-                h = gelu_(layer_norm(layer.layer_norm, conv_time(h, w4, b, stride=stride)))
+                h = gelu_(layer_norm(layer.layer_norm, conv_time(h, w, b, stride=stride)))
             else:
-                h = conv_time(h, w4, b, stride=stride, gelu=True)
+                h = conv_time(h, w, b, stride=stride, gelu=True)
         return h
 
     def _chunked(self, wav: Tensor, w0: Tensor, b0: Tensor | None, dtype) -> Tensor:
@@ -248,9 +249,9 @@ class PositionalConvEmbedding(nn.Module):
         if needs_grad(x, wn.original0, wn.original1, b):
             y = F.gelu(grouped_conv_time_train(x, self.conv.weight.to(x.dtype), b, padding=padding, groups=groups))
         else:
-            w4 = cached(self, ("w4", x.dtype), (wn.original0, wn.original1),
-                        lambda: conv_weight_4d(self.conv.weight.to(x.dtype)))  # weight norm: once per change
-            y = conv_time(x, w4, b, padding=padding, groups=groups, gelu=True)
+            w = cached(self, ("conv_w", x.dtype), (wn.original0, wn.original1),
+                        lambda: conv_weight(self.conv.weight.to(x.dtype)))  # weight norm: once per change
+            y = conv_time(x, w, b, padding=padding, groups=groups, gelu=True)
         return y[:, : x.shape[1]]
 
 
