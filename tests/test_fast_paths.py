@@ -84,6 +84,23 @@ def test_inference_and_autograd_paths_agree(norm):
         assert max_diff(fast.logits[i, :n], slow.logits[i, :n].detach()) <= 1e-5
 
 
+def test_infer_runs_in_eval_mode_and_restores_the_mode():
+    """infer() from train mode: dropout off (equal to an eval forward), train mode restored in
+    every submodule; from eval mode: the model stays in eval mode."""
+    torch.manual_seed(0)
+    model = w2v2.build_model(tiny(vocab_size=12, hidden_dropout=0.2, attention_dropout=0.2))
+    x = torch.randn(1, 8000)
+    with torch.no_grad():
+        assert max_diff(model.train()(x).logits, model(x).logits) > 0  # dropout is active in train mode
+        want = model.eval()(x).logits
+    model.train()
+    assert max_diff(model.infer(x).logits, want) == 0
+    assert all(m.training for m in model.modules())
+    model.eval()
+    assert max_diff(model.infer(x).logits, want) == 0
+    assert not any(m.training for m in model.modules())
+
+
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_onednn_and_plain_pytorch_agree(norm, monkeypatch):
     """oneDNN kernels == plain PyTorch ops == plain ops with channels-first convs (the GPU's path);
