@@ -11,7 +11,9 @@
 #     matmul peak; inference 1 x 10 s, 1 x 60 s, 8 x 10 s in fp32 and bf16; CTC (frozen/trained)
 #     and pretraining updates with GFLOP/s and model-FLOPs utilisation, also BASE at 4 x 22 s): ~75 s;
 #   cuda_check.py --parts cold (first and second calls of each variant in a fresh process, on a
-#     first and a new input shape, and a profile of a first call: the one-time cost of bf16);
+#     first and a new input shape, and a profile of a first call: the one-time cost of bf16, with
+#     our convolutions channels first (now the GPU default) and channels-last (the first run's));
+#   overhead.py --device cuda (host time and launches per call on a skinny BASE): ~15 s;
 #   transcribe.py --device cuda --precision bf16 --warm (RTF and memory against transformers'
 #     pipeline, setup timed apart, on real speech when a folder of clips is carried as .gpu/clips;
 #     skipped otherwise): each engine and input is a fresh process, ~15-20 s each before any work;
@@ -50,7 +52,8 @@ if ls .gpu/whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps -
   nproc; } | tee "$LOG"
 
 step cuda_check 120 python3 benchmarks/cuda_check.py --parts correctness,inference,training
-step cold 100 python3 benchmarks/cuda_check.py --parts cold
+step cold 120 python3 benchmarks/cuda_check.py --parts cold
+step overhead 40 python3 benchmarks/overhead.py --device cuda
 if [ -d .gpu/clips ]; then
   step transcribe_bf16 150 python3 benchmarks/transcribe.py --device cuda --precision bf16 --warm \
     --sizes 60s,20min,60min --audio-dir .gpu/clips

@@ -33,7 +33,7 @@ def runners(hf, ours, x: torch.Tensor, fast: str):
 
     def tf(autocast: bool):
         def run():
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
                 return hf(xn).logits.float()
         return run
 

@@ -11,8 +11,8 @@ hidden size 32) on 0.2 s of input, so that the arithmetic is negligible and what
 work around it: Python, the dispatcher, allocations, launches. On the CPU, ours runs its plain
 PyTorch path with channels-first convolutions (``kernels.ENABLED = False``,
 ``kernels.CHANNELS_LAST = set()``), the ops it issues on a GPU; the oneDNN kernels it uses on
-CPUs are left out on purpose. transformers runs in eval mode under ``inference_mode`` (bf16:
-``torch.autocast``), ours through ``model.infer`` (``set_precision``). "aten ops" counts the
+CPUs are left out on purpose. The calls are inference.py's: transformers in eval mode under
+``inference_mode`` (bf16: ``torch.autocast``), ours through ``model.infer`` ("ours fast": bf16). "aten ops" counts the
 operators each call dispatches (a ``TorchDispatchMode``): on a GPU, about one kernel each.
 """
 
@@ -24,6 +24,7 @@ import platform
 import tempfile
 
 import harness  # also puts this checkout first on sys.path
+import inference
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,23 +44,6 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def variants(hf, ours, x: torch.Tensor) -> dict:
-    def tf(bf16: bool):
-        def call():
-            with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-                return hf(x).logits
-        return call
-
-    def ours_(precision: str):
-        def call():
-            ours.set_precision(precision)
-            return ours.infer(x).logits
-        return call
-
-    return {"transformers fp32": tf(False), "transformers bf16 autocast": tf(True),
-            "ours fp32": ours_("fp32"), "ours bf16": ours_("bf16")}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -77,7 +61,7 @@ def main() -> None:
         hf, ours = harness.model_pair(tmp, harness.hf_config("base", **SKINNY))
     hf, ours = hf.to(dev), ours.to(dev)
     x = torch.randn(1, int(args.seconds * 16000), device=dev)
-    fns = variants(hf, ours, x)
+    fns = inference.runners(hf, ours, x, fast="bf16")
     if dev.type == "cuda":
         fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
     ops = {}
@@ -92,7 +76,7 @@ def main() -> None:
           f"{repeats} timed calls (median), skinny BASE on 1 x {args.seconds} s, load average {harness.load_average()}")
     if dev.type == "cpu":
         print("ours on its plain-PyTorch path with channels-first convolutions (its GPU ops)")
-    ref = t["transformers fp32"]
+    ref = t["transformers fp32"]  # "ours fast" is ours in bf16
     print(harness.markdown_table(
         ["implementation", "ms per call", "vs transformers fp32", "aten ops per call", "most frequent ops"],
         [[name, f"{t[name] * 1e3:.2f}", f"{ref / t[name]:.2f}x", sum(ops[name].values()),

@@ -45,3 +45,10 @@ def test_pretrain_benchmark_dry_run():
     out = run("benchmarks/pretrain.py", "--dry", "--quick")
     rows = table_rows(out, "base") + table_rows(out, "small")
     assert len(rows) == 4 and all(r[4].endswith("x") and "failed" not in r for r in rows), out
+
+
+def test_overhead_benchmark_quick_run():
+    out = run("benchmarks/overhead.py", "--repeats", "3")
+    rows = {r[0]: r[1:] for r in table_rows(out, "transformers") + table_rows(out, "ours")}
+    assert set(rows) == {"transformers fp32", "transformers bf16 autocast", "ours fp32", "ours fast"}, out
+    assert all(float(r[0]) > 0 and int(r[2]) > 100 for r in rows.values()), out
