@@ -320,3 +320,11 @@ def test_torch_compile_traces_one_graph(norm):
     loss.backward()
     assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
     torch._dynamo.reset()
+
+
+def test_onednn_kernels_only_on_x86():
+    """oneDNN kernels and channels-last convolutions where they were measured (x86), PyTorch's own
+    ops on ARM CPUs."""
+    assert kernels.onednn_platform("x86_64") and kernels.onednn_platform("AMD64")
+    assert not kernels.onednn_platform("arm64") and not kernels.onednn_platform("aarch64")
+    assert ("cpu" in kernels.CHANNELS_LAST) == kernels._HAS_OPS  # channels-last only with oneDNN

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
 import weakref
 from typing import Callable
 
@@ -27,13 +28,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENABLED = os.environ.get("W2V2_DISABLE_ONEDNN", "") in ("", "0")  # False: plain PyTorch ops only
-_HAS_OPS = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_platform(machine: str | None = None) -> bool:
+    """Whether this CPU architecture gets the oneDNN kernels: x86 only, where they were chosen and
+    measured against PyTorch's own ops. On ARM CPUs (Apple silicon, Graviton) PyTorch's own ops
+    run, as in transformers: there they use other libraries (Accelerate, Arm Compute Library) that
+    these kernels were never measured against."""
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64")
+
+
+_HAS_OPS = onednn_platform() and hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Device types whose convolutions over time run as channels-last images of height 1 (oneDNN's fast
-# layout). Elsewhere (CUDA, MPS) they run as channels-first ``conv1d``, as transformers runs them:
-# on an H200, our first bf16 call in a process cost ~1.8 s more than transformers' (channels-last
-# bf16 convolutions of height 1 in cuDNN are the suspect: unusual shapes for which cuDNN may build
-# kernels at run time; not yet measured apart, see benchmarks/cuda_check.py --parts cold).
-CHANNELS_LAST = {"cpu"}
+# layout: x86 CPUs). Elsewhere (CUDA, MPS, ARM CPUs) they run as channels-first ``conv1d``, as
+# transformers runs them. On an H200, our first bf16 call in a process cost ~1.8 s more than
+# transformers' with the channels-last layout (cuDNN may build kernels at run time for such
+# unusual shapes: the suspect, not yet measured apart; see benchmarks/cuda_check.py --parts cold).
+CHANNELS_LAST = {"cpu"} if _HAS_OPS else set()
 
 
 def onednn_ok(*tensors: Tensor) -> bool:
