@@ -180,6 +180,42 @@ def bench_compiled(repeats: int, peak: dict, mode: str) -> None:
         print(f"| {batch} x {seconds} s | {t['eager'] * 1e3:.1f} ms | {t['compiled'] * 1e3:.1f} ms | {compile_s:.0f} s | "
               f"{t['eager'] / t['compiled']:.2f}x | {gf / t['compiled']:.0f} "
               f"({100 * gf / t['compiled'] / peak['bf16']:.0f}%) |")
+    bench_compiled_update(repeats, peak, mode)
+
+
+def bench_compiled_update(repeats: int, peak: dict, mode: str) -> None:
+    """One CTC update (BASE 2 x 10 s, encoder frozen; train_step.py's) of ours in bf16, eager
+    against the model under ``torch.compile(mode=mode)`` (forward and backward graphs; the loss
+    and the optimizer step stay eager), and transformers' eager update for reference: whether
+    compiling is the way to 2x transformers for fine-tuning on a GPU."""
+    import train_step
+
+    print(f"\n| update | tf bf16 eager | ours bf16 eager | ours bf16 torch.compile ({mode}) | compile time | "
+          "compiled vs eager | compiled vs tf bf16 | compiled GFLOP/s (% bf16 peak) |")
+    print("|---|---|---|---|---|---|---|---|")
+    batch, seconds = 2, 10
+    hf, ours = train_step.model_pair("base", "tiny" if DRY else None, frozen_encoder=True)
+    hf, ours = hf.to(DEV), ours.to(DEV)
+    compiled = torch.compile(ours, backend="eager") if DRY else torch.compile(ours, mode=mode)
+    x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
+    frames = harness.conv_frames(ours.config, x.shape[1])[-1]
+    targets = torch.randint(1, 32, (batch, max(1, frames // 4)), device=DEV)
+    eager = train_step.steps(hf, ours, x, targets)
+    fns = {"tf": eager["tf bf16"], "eager": eager["ours bf16"],
+           "compiled": train_step.steps(hf, compiled, x, targets)["ours bf16"]}
+    t0 = time.perf_counter()
+    try:
+        fns["compiled"]()
+        sync()
+    except Exception as e:  # noqa: BLE001 -- report and go on
+        print(f"| CTC BASE frozen, {batch} x {seconds} s | | | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | |")
+        return
+    compile_s = time.perf_counter() - t0
+    t = timed(fns, repeats)
+    gf = harness.update_flops(ours.config, batch, x.shape[1], frozen_encoder=True) / 1e9
+    print(f"| CTC BASE frozen, {batch} x {seconds} s | {t['tf'] * 1e3:.1f} ms | {t['eager'] * 1e3:.1f} ms | "
+          f"{t['compiled'] * 1e3:.1f} ms | {compile_s:.0f} s | {t['eager'] / t['compiled']:.2f}x | "
+          f"{t['tf'] / t['compiled']:.2f}x | {gf / t['compiled']:.0f} ({100 * gf / t['compiled'] / peak['bf16']:.0f}%) |")
 
 
 COLD_VARIANTS = ("tf fp32", "tf bf16", "ours fp32", "ours bf16", "ours bf16 channels-last")

@@ -20,8 +20,9 @@
 #   pretrain.py --device cuda (update time and peak GPU memory, one process per variant);
 #   transcribe.py --device cuda --precision fp32 --warm;
 #   the CUDA tests of the test suite (skipped on machines without a GPU): ~12 s;
-#   cuda_check.py --parts compile (ours in bf16, eager against torch.compile with CUDA graphs):
-#     ~25-30 s of compiling per input shape.
+#   cuda_check.py --parts compile (ours in bf16, eager against torch.compile with CUDA graphs:
+#     inference, ~25-30 s of compiling per input shape, then one CTC update, forward and backward
+#     compiled).
 # Wheels missing from the GPU image (soundfile, soxr, jiwer, ...) install from .gpu/whl when carried.
 # Prepare both once, here (.gpu/ is git-ignored; carry .gpu/whl and .gpu/clips):
 #   cp -r ../shared/data/librispeech-unlabeled .gpu/clips
@@ -64,5 +65,5 @@ if [ -d .gpu/clips ]; then
     --sizes 60s,20min --audio-dir .gpu/clips
 fi
 step pytest_cuda 30 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_emissions.py tests/test_transcribe.py
-step compile 150 python3 benchmarks/cuda_check.py --parts compile
+step compile 200 python3 benchmarks/cuda_check.py --parts compile
 echo "total $((SECONDS - START)) s" | tee -a "$LOG"

@@ -34,7 +34,9 @@ def test_cuda_check_dry_run_prints_every_table():
     assert len(diffs) == 2 and max(diffs) < 1e-4, out
     assert len(grads) == 2 and max(grads) < 1e-3, out
     assert len(table_rows(out, "1 x 10 s")) == 2  # inference, compile
-    assert len(table_rows(out, "CTC")) == 10 and len(table_rows(out, "pretraining")) == 6
+    assert len(table_rows(out, "CTC")) == 11 and len(table_rows(out, "pretraining")) == 6  # 10 + compiled update
+    compiled_update = table_rows(out, "CTC BASE frozen")
+    assert len(compiled_update) == 1 and compiled_update[0][-1].endswith("%)"), out
     cold = {r[0]: r[1:] for r in table_rows(out, "tf ") + table_rows(out, "ours ")}
     assert set(cold) == {"tf fp32", "tf bf16", "ours fp32", "ours bf16", "ours bf16 channels-last"}
     assert all(c.endswith(" ms") for cells in cold.values() for c in cells), cold
