@@ -149,7 +149,7 @@ class _OneDNNLinear(torch.autograd.Function):
             else:
                 gw = _lp(x2.t(), g2.t(), None).t().contiguous()  # (x^T g)^T
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0, dtype=torch.float32).to(grad.dtype)
+            gb = g2.sum(0)  # bf16 sums accumulate in float32 on CPUs; dtype=float32 would first copy g2 to float32
         return gx, gw, gb
 
 
@@ -480,7 +480,7 @@ class _GroupedConvTrain(torch.autograd.Function):
                           wq.contiguous(memory_format=torch.channels_last), groups=g)  # (in/g, out, 1, kernel)
             dw = dw.squeeze(2).permute(1, 0, 2).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad.sum((0, 1), dtype=torch.float32).to(grad.dtype)
+            db = grad.sum((0, 1))  # accumulates in float32 (see _OneDNNLinear)
         return dx, dw, db, None, None
 
 
