@@ -53,6 +53,22 @@ def test_fast_feature_encoder_equals_reference_conv_stack(norm, padded, layout, 
     assert max_diff(full.detach(), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_folded_group_norm_with_float32_statistics(padded, monkeypatch):
+    """On devices without float64 (Apple MPS) the folded group norm's statistics are float32:
+    still equal to the layer-by-layer stack to 1e-4, also with a DC offset in the waveform."""
+    from w2v2 import modules
+
+    monkeypatch.setattr(modules, "stats_dtype", lambda device: torch.float32)
+    fe = tiny_model("group").feature_extractor
+    x = torch.randn(2, 9000) * 0.1 + 0.5
+    lengths = torch.tensor([9000, 5000]) if padded else None
+    with torch.no_grad():
+        ref = fe.reference_forward(x, lengths)
+        fast = fe(x, lengths)
+    assert max_diff(fast, ref) <= 1e-4
+
+
 @pytest.mark.parametrize("kernel,stride,batch,frames", [(3, 2, 1, 40), (3, 2, 3, 41), (2, 2, 2, 37), (4, 3, 2, 50)])
 def test_conv_time_train_gradients(kernel, stride, batch, frames, monkeypatch):
     """The chunked matrix-product backward of the channels-last conv (+GELU) equals autograd's."""

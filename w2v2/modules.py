@@ -71,6 +71,12 @@ class ConvLayer(nn.Module):
         return F.gelu(x)
 
 
+def stats_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the folded group norm's statistics: float64, or float32 where the device has no
+    float64 (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class FeatureEncoder(nn.Module):
     """Waveform (batch, samples) -> latent frames Z (batch, channels, frames).
 
@@ -132,30 +138,32 @@ class FeatureEncoder(nn.Module):
     def _first_conv(self, wav: Tensor, lengths: Tensor | None, dtype) -> tuple[Tensor, Tensor | None]:
         """Conv 0 as (weight (batch or 1, channels, kernel), bias (batch or 1, channels)), with the
         group norm folded in: per utterance, mean and variance of conv 0's output over the valid
-        frames are mean(U) W^T and diag(W cov(U) W^T) for the windows U (computed in float64)."""
+        frames are mean(U) W^T and diag(W cov(U) W^T) for the windows U (computed in float64; float32 on
+        devices without float64: Apple MPS)."""
         layer = self.conv_layers[0]
         w, b = layer.conv.weight[:, 0, :], layer.conv.bias  # (channels, kernel), (channels,)
         if layer.norm_kind != "group":
             return w[None].to(dtype), None if b is None else b[None].to(dtype)
         k, s = self.kernels[0], self.strides[0]
+        acc = stats_dtype(wav.device)
         with torch.no_grad():
-            u = wav.unfold(-1, k, s).double()  # (batch, frames0, kernel)
+            u = wav.unfold(-1, k, s).to(acc)  # (batch, frames0, kernel)
             if lengths is None:
                 mean_u = u.mean(1)
                 uc = u - mean_u[:, None]
                 cov = uc.mT @ uc / u.shape[1]
             else:
                 n = conv_output_lengths(lengths, (k,), (s,))
-                mask = lengths_to_mask(n, u.shape[1])[..., None].double()  # (batch, frames0, 1)
-                count = n.clamp(min=1).double()[:, None]
+                mask = lengths_to_mask(n, u.shape[1])[..., None].to(acc)  # (batch, frames0, 1)
+                count = n.clamp(min=1).to(acc)[:, None]
                 mean_u = (u * mask).sum(1) / count
                 uc = (u - mean_u[:, None]) * mask
                 cov = uc.mT @ uc / count[..., None]  # (batch, kernel, kernel)
-        gn, wd = layer.layer_norm, w.double()
+        gn, wd = layer.layer_norm, w.to(acc)
         mean = mean_u @ wd.T  # (batch, channels); a conv bias cancels out
         var = ((wd @ cov) * wd).sum(-1)  # (batch, channels)
-        scale = gn.weight.double() / torch.sqrt(var + gn.eps)
-        return (wd * scale[..., None]).to(dtype), (gn.bias.double() - mean * scale).to(dtype)
+        scale = gn.weight.to(acc) / torch.sqrt(var + gn.eps)
+        return (wd * scale[..., None]).to(dtype), (gn.bias.to(acc) - mean * scale).to(dtype)
 
     def _stack(self, wav: Tensor, w0: Tensor, b0: Tensor | None, dtype) -> Tensor:
         """(batch, samples) -> (batch, frames, channels)."""

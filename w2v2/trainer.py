@@ -332,8 +332,8 @@ class Trainer:
         names = sorted(sums)
         stats = torch.tensor([loss_total, size_total, audio_samples, float(self._stop_local),
                               float(not math.isfinite(loss_total))] + [sums[k] for k in names],
-                             dtype=torch.float64, device=self.device)
-        if self.info.world_size > 1:
+                             dtype=torch.float64, device=self.device if self.info.world_size > 1 else "cpu")
+        if self.info.world_size > 1:  # (float64 on the device only where needed: Apple MPS has none)
             dist.all_reduce(stats)
         stats = stats.tolist()
         loss_total, size_total, audio_samples, stop, nonfinite = stats[:5]
