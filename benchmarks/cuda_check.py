@@ -153,6 +153,17 @@ def bench_inference(repeats: int, peak: dict) -> None:
               f"{gf / t['tf16']:.0f} ({100 * gf / t['tf16'] / peak['bf16']:.0f}%) | {mem['tf32']:.0f} / {mem['o16']:.0f} |")
 
 
+def first_call(fn) -> tuple[float, str]:
+    """Seconds of ``fn``'s first call (where torch.compile compiles), and "" or what made it fail."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+        sync()
+    except Exception as e:  # noqa: BLE001 -- report and go on
+        return 0.0, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+    return time.perf_counter() - t0, ""
+
+
 def bench_compiled(repeats: int, peak: dict, mode: str) -> None:
     """Ours in bf16, eager against ``torch.compile(mode=mode)`` (compiling outside the timing; one
     compile per input shape). Last in the run: compiling can take minutes. On an H200 the default
@@ -167,14 +178,10 @@ def bench_compiled(repeats: int, peak: dict, mode: str) -> None:
     for seconds, batch in INPUTS:
         x = torch.randn(batch, (1 if DRY else seconds) * 16000, device=DEV)
         fns = {"eager": ours_run(ours, x, "bf16"), "compiled": ours_run(compiled, x, "bf16")}
-        t0 = time.perf_counter()
-        try:
-            fns["compiled"]()
-            sync()
-        except Exception as e:  # noqa: BLE001 -- report and go on
-            print(f"| {batch} x {seconds} s | | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | |")
+        compile_s, error = first_call(fns["compiled"])
+        if error:
+            print(f"| {batch} x {seconds} s | | failed: {error} | | | |")
             return
-        compile_s = time.perf_counter() - t0
         t = timed(fns, repeats)
         gf = batch * sum(harness.forward_flops(ours.config, x.shape[1]).values()) / 1e9
         print(f"| {batch} x {seconds} s | {t['eager'] * 1e3:.1f} ms | {t['compiled'] * 1e3:.1f} ms | {compile_s:.0f} s | "
@@ -203,14 +210,10 @@ def bench_compiled_update(repeats: int, peak: dict, mode: str) -> None:
     eager = train_step.steps(hf, ours, x, targets)
     fns = {"tf": eager["tf bf16"], "eager": eager["ours bf16"],
            "compiled": train_step.steps(hf, compiled, x, targets)["ours bf16"]}
-    t0 = time.perf_counter()
-    try:
-        fns["compiled"]()
-        sync()
-    except Exception as e:  # noqa: BLE001 -- report and go on
-        print(f"| CTC BASE frozen, {batch} x {seconds} s | | | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | |")
+    compile_s, error = first_call(fns["compiled"])
+    if error:
+        print(f"| CTC BASE frozen, {batch} x {seconds} s | | | failed: {error} | | | | |")
         return
-    compile_s = time.perf_counter() - t0
     t = timed(fns, repeats)
     gf = harness.update_flops(ours.config, batch, x.shape[1], frozen_encoder=True) / 1e9
     print(f"| CTC BASE frozen, {batch} x {seconds} s | {t['tf'] * 1e3:.1f} ms | {t['eager'] * 1e3:.1f} ms | "
