@@ -80,7 +80,7 @@ def cached(owner: nn.Module, key, params: tuple[Tensor, ...], make: Callable[[],
 
     Under autograd (a parameter requires grad and grad mode is on) ``make()`` runs every call so
     that its result is part of the graph, and under ``torch.compile``, whose graph computes it."""
-    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+    if needs_grad(*params) or torch.compiler.is_compiling():
         return make()
     # runs for every weight of every layer on every call: kept cheap (host time bounds short GPU calls)
     stamp = [(p._version, p.data_ptr(), p.dtype, p.device) for p in params]

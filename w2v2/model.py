@@ -189,15 +189,15 @@ class Wav2Vec2(nn.Module):
 
     def infer(self, waveforms: Tensor, lengths: Tensor | None = None, **kwargs) -> ModelOutput:
         """:meth:`forward` for inference: in eval mode and ``torch.inference_mode`` (restores the mode after)."""
-        if not self.training:  # switching modes walks every submodule: ~1 ms of host time per call
-            with torch.inference_mode():
-                return self(waveforms, lengths, **kwargs)
-        self.eval()
+        was_training = self.training  # switch only when needed: each switch walks every submodule
+        if was_training:
+            self.eval()
         try:
             with torch.inference_mode():
                 return self(waveforms, lengths, **kwargs)
         finally:
-            self.train()
+            if was_training:
+                self.train()
 
     # ------------------------------------------------------------------ pretraining
     def forward_pretraining(self, waveforms: Tensor, lengths: Tensor | None,
