@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the embedded default model (w2v2/assets/default_model) from ../shared/data.
+# Reproduce the embedded default model (w2v2/assets/default_model) from the real speech in
+# $W2V2_DATA (default ../shared/data beside the checkout); runs go under runs/ (git-ignored).
 #
 #   recipes/default_model.sh            # all steps; step 2 needs a CUDA GPU (about 8 minutes on one H200)
 #
@@ -17,11 +18,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-DATA=${DATA:-/work/shared/data}
-SPLITS=${SPLITS:-/work/runs/splits}
-EXP=${EXP:-/work/runs/gpu1/exp}
-RUN=${RUN:-/work/runs/cpu_ft}
-RUN2=${RUN2:-/work/runs/cpu_ft2}
+DATA=${DATA:-${W2V2_DATA:-$(realpath -m ../shared/data)}}
+SPLITS=${SPLITS:-runs/splits}
+EXP=${EXP:-runs/gpu1/exp}
+RUN=${RUN:-runs/cpu_ft}
+RUN2=${RUN2:-runs/cpu_ft2}
 MINUTES=${MINUTES:-62}
 MINUTES2=${MINUTES2:-95}
 

@@ -12,16 +12,16 @@
 # and P (`w2v2 plot RUN_DIR` draws the curves afterwards).
 # Every schedule runs on a time clock (--schedule-clock time): a fixed budget, whatever the speed.
 #
-#   SPLITS=/path/to/splits DATA_FROM=/work/shared/data RESULTS=/tmp/exp recipes/gpu_experiment.sh
+#   SPLITS=runs/splits RESULTS=/tmp/exp recipes/gpu_experiment.sh
 #
 # SPLITS holds the manifests of recipes/make_splits.py; their paths start with DATA_FROM, which is
-# rewritten to DATA (default: the same), so that the data may travel. SCALE multiplies all times
+# rewritten to DATA (default: the same; DATA_FROM defaults to $W2V2_DATA, else ../shared/data), so that the data may travel. SCALE multiplies all times
 # (a dry run on a CPU: SCALE=0.05 DEVICE=cpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SPLITS=${SPLITS:?folder of the split manifests}
-DATA_FROM=${DATA_FROM:-/work/shared/data}
+DATA_FROM=${DATA_FROM:-${W2V2_DATA:-$(realpath -m ../shared/data)}}
 DATA=${DATA:-$DATA_FROM}
 RESULTS=${RESULTS:?output folder}
 DEVICE=${DEVICE:-cuda}

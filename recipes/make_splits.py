@@ -1,8 +1,9 @@
 """Speaker-disjoint fine-tuning splits of the shared speech data (deterministic, seeded).
 
-    python recipes/make_splits.py [OUT_DIR] [--data /work/shared/data] [--seed 0] [--dev-speakers 15]
+    python recipes/make_splits.py [OUT_DIR] [--data DATA] [--seed 0] [--dev-speakers 15]
 
-writes into OUT_DIR (default /work/runs/splits; keep it out of the repository):
+reads DATA (default ``$W2V2_DATA``, else ../shared/data beside the checkout) and writes into
+OUT_DIR (default runs/splits in the checkout, git-ignored):
 
     dev.tsv             ~15 speakers of speechocean762-train, all their utterances
     train-10min.tsv     nested subsets of the *other* speakers' utterances:
@@ -31,8 +32,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-DEFAULT_DATA = Path("/work/shared/data")
-DEFAULT_OUT = Path("/work/runs/splits")
+from datapaths import data_dir, runs_dir  # recipes/datapaths.py
+
+DEFAULT_DATA = data_dir()
+DEFAULT_OUT = runs_dir() / "splits"
 SUBSETS = {"train-10min": 600.0, "train-1h": 3600.0}  # name -> seconds; train-all takes the rest
 FIELDS = ("path", "seconds", "speaker", "text")
 

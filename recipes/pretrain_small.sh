@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Pretrain the `small` preset on the unlabeled audio of /work/shared/data (speechocean762 training
+# Pretrain the `small` preset on the unlabeled audio of $W2V2_DATA (default ../shared/data; speechocean762 training
 # speakers + librispeech-unlabeled; dev/test audio left out, transcripts unused) on a CPU for a fixed
 # wall-clock budget, then render the figures. Results: docs/pretraining.md (30 minutes on one thread:
 # accuracy of the positive 0.03 -> 0.21, chance 0.01).
 #
-#   recipes/pretrain_small.sh                      # 30 minutes into /work/runs/pretrain_cpu30
+#   recipes/pretrain_small.sh                      # 30 minutes into runs/pretrain_cpu30
 #   MINUTES=60 OUT=/tmp/run THREADS=2 recipes/pretrain_small.sh
 #   recipes/pretrain_small.sh --resume             # continue an interrupted run (same directory)
 #
@@ -15,9 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-DATA=${DATA:-/work/shared/data}
-SPLITS=${SPLITS:-/work/runs/splits}
-OUT=${OUT:-/work/runs/pretrain_cpu30}
+DATA=${DATA:-${W2V2_DATA:-$(realpath -m ../shared/data)}}
+SPLITS=${SPLITS:-runs/splits}
+OUT=${OUT:-runs/pretrain_cpu30}
 MINUTES=${MINUTES:-30}
 export OMP_NUM_THREADS=${THREADS:-1}
 

@@ -6,7 +6,7 @@ Two tasks, each with features from the same single embedding pass per model:
   speaker  label ``speaker``, split by utterance (stratified per speaker)
 
     python recipes/probe_fsdd.py --out results/fsdd \\
-        random-small=random:small pretrained=/work/runs/pretrain/final finetuned=/work/runs/ft/final
+        random-small=random:small pretrained=runs/pretrain/checkpoint_last finetuned=runs/ft/best
 
 A model is ``NAME=SOURCE`` or just ``SOURCE`` (any ``w2v2.load_model`` source; ``random:PRESET``
 builds a randomly initialised model, seed 0, saved to a temporary directory and loaded back).
@@ -34,6 +34,8 @@ from w2v2.fileio import atomic_write_text
 from w2v2.probe import (Panel, chance_accuracy, log_mel_features, plot_accuracy, pooled_features, probe_layers,
                         split_rows)
 
+from datapaths import data_dir  # recipes/datapaths.py: the run's default data location
+
 TASKS = {  # name -> (label column, split)
     "digit": ("text", "speaker"),
     "speaker": ("speaker", "utterance"),
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("models", nargs="+", help="NAME=SOURCE or SOURCE; SOURCE random:small builds a random-init model")
-    p.add_argument("--data", default="/work/shared/data/fsdd", help="FSDD folder with manifest.tsv")
+    p.add_argument("--data", default=str(data_dir() / "fsdd"), help="FSDD folder with manifest.tsv")
     p.add_argument("--out", required=True, help="results directory")
     p.add_argument("--C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                    help="C grid, chosen per layer by 3-fold CV on the training split (grouped by speaker for digits)")
