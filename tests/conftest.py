@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _find_data() -> Path:
-    """The shared real-speech folder: $W2V2_TEST_DATA, else ../shared/data beside the checkout,
-    else the workplace's /work/shared/data (a clone elsewhere still finds it)."""
-    for candidate in (os.environ.get("W2V2_TEST_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"):
+    """The shared real-speech folder: $W2V2_TEST_DATA, else $W2V2_DATA, else ../shared/data beside
+    the checkout (as the recipes find it)."""
+    for candidate in (os.environ.get("W2V2_TEST_DATA"), os.environ.get("W2V2_DATA"), ROOT.parent / "shared" / "data"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return ROOT.parent / "shared" / "data"
