@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from w2v2 import plot, pretrain
@@ -37,7 +40,7 @@ def test_registry_takes_new_figures_and_skips_inapplicable(run_dir, tmp_path):
 
     @plot.register("test_lr")
     def lr(ctx):
-        fig, ax = plot.plt.subplots()
+        fig, ax = plot.subplots(figsize=(4, 3))
         ax.plot(*ctx.series("lr"))
         return fig
 
@@ -54,3 +57,12 @@ def test_cli_plot(run_dir, tmp_path, capsys):
     assert main(["plot", str(run_dir), "--out", str(tmp_path), "--only", "losses", "codebook"]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "losses.png"), str(tmp_path / "codebook.png")]
     assert main(["plot", str(tmp_path / "nothing")]) == 1
+
+
+def test_importing_and_plotting_leave_the_matplotlib_backend_alone(run_dir, tmp_path):
+    """A notebook's backend survives ``import w2v2``, ``w2v2.plot`` and a rendered figure."""
+    code = ("import matplotlib; matplotlib.use('svg'); import w2v2, w2v2.plot, w2v2.probe, w2v2.cli; "
+            f"w2v2.plot.render({str(run_dir)!r}, {str(tmp_path)!r}, names=['losses']); "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == "svg"

@@ -231,14 +231,12 @@ class Panel:
 def plot_accuracy(panels: dict[str, Panel], path) -> None:
     """Test accuracy by layer, one subplot per title in ``panels``, one line per model;
     baselines dashed, chance dotted. PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare figure: the caller's backend stays as it is
 
     from .fileio import atomic_open
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, panel) in zip(axes[0], panels.items()):
         for name, (layers, acc) in panel.curves.items():
             ax.plot(layers, acc, marker="o", label=name)
@@ -256,4 +254,3 @@ def plot_accuracy(panels: dict[str, Panel], path) -> None:
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Fine-tuning figures for ``w2v2 plot`` (registered in :mod:`w2v2.plot`'s registry on import).
+"""Fine-tuning figures.
 
 * ``wer``: validation WER and CER against updates (``valid.jsonl``), with the training CTC loss
   per character and the learning rate, and the Transformer freeze phase shaded.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plot import PlotContext, _curve, plt, register
+from .core import PlotContext, curve, register, subplots
 
 
 def _finetune_config(ctx: PlotContext) -> dict | None:
@@ -26,13 +26,13 @@ def _finetune_config(ctx: PlotContext) -> dict | None:
 @register("wer")
 def plot_wer(ctx: PlotContext):
     """Validation WER/CER (left), training loss per character and learning rate (right)."""
-    from .finetune import read_valid_log
+    from ..finetune import read_valid_log
 
     cfg = _finetune_config(ctx)
     valid = read_valid_log(ctx.run_dir)
     if cfg is None or not valid:
         return None
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4))
+    fig, (ax, bx) = subplots(1, 2, figsize=(13, 4))
     x = [r["update"] for r in valid]
     for key, label, color in (("valid_wer", "WER", "tab:blue"), ("valid_cer", "CER", "tab:orange")):
         y = [100 * r[key] for r in valid]
@@ -42,7 +42,7 @@ def plot_wer(ctx: PlotContext):
                 textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
     ax.set(title="validation error rates (greedy decoding)", xlabel="update", ylabel="%", ylim=(0, None))
     ax.legend(fontsize=8)
-    _curve(bx, ctx, "loss_per_token", "train CTC loss per character")
+    curve(bx, ctx, "loss_per_token", "train CTC loss per character")
     vx = [r["update"] for r in valid if r.get("valid_loss") is not None]
     bx.plot(vx, [r["valid_loss"] for r in valid if r.get("valid_loss") is not None], marker="o", ms=3,
             color="tab:green", label="valid CTC loss per character")
@@ -66,7 +66,7 @@ def _utterance(ctx: PlotContext, cfg: dict) -> tuple[str, str | None] | None:
     validation utterance of the run."""
     if ctx.audio:
         return ctx.audio[0], None
-    from .data import list_entries
+    from ..data import list_entries
 
     entries = list_entries(cfg.get("valid", []))
     return (entries[0].path, entries[0].text) if entries else None
@@ -74,10 +74,10 @@ def _utterance(ctx: PlotContext, cfg: dict) -> tuple[str, str | None] | None:
 
 @register("emissions")
 def plot_emissions(ctx: PlotContext):
-    from .audio import load_audio
-    from .checkpoint import load_model
-    from .decoding import align_words, greedy_decode
-    from .text import normalize_text
+    from ..audio import load_audio
+    from ..checkpoint import load_model
+    from ..decoding import align_words, greedy_decode
+    from ..text import normalize_text
 
     cfg = _finetune_config(ctx)
     if cfg is None:
@@ -102,7 +102,7 @@ def plot_emissions(ctx: PlotContext):
             ref_words = []
 
     frames = log_probs.shape[0]
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(13, 7), sharex=True, height_ratios=(1, 2.4))
+    fig, (ax, bx) = subplots(2, 1, figsize=(13, 7), sharex=True, height_ratios=(1, 2.4))
     t = np.arange(len(wav)) / 16000
     ax.plot(t, wav, lw=0.4, color="black")
     top = float(np.abs(wav).max()) or 1.0
