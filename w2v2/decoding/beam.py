@@ -113,15 +113,6 @@ class BeamSearchDecoder:
         parts = [(a, self.decode(log_probs[a:b])) for a, b in decoding_windows(is_blank, max_frames)]
         return join_decoded(parts, self.frame_seconds, self.vocab.word_delimiter_index)
 
-    def decode_batch(self, logits, lengths=None) -> list[DecodedText]:
-        """logits (batch, time, vocab), lengths (batch,) valid frames per item (None: all)."""
-        logits = torch.as_tensor(logits)
-        if logits.dim() != 3:
-            raise ValueError(f"logits must have shape (batch, time, vocab), got {tuple(logits.shape)}")
-        if lengths is None:
-            lengths = [logits.shape[1]] * logits.shape[0]
-        return [self.decode(x[: int(n)]) for x, n in zip(logits, lengths)]
-
 
 def decoding_windows(is_blank, max_frames: int) -> list[tuple[int, int]]:
     """Cut ``time`` frames into consecutive windows ``(start, end)`` of at most ``max_frames``.
