@@ -3,11 +3,15 @@
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from w2v2.fileio import atomic_open, atomic_write_bytes, atomic_write_text
+from w2v2.fileio import (STALE_AFTER_SECONDS, atomic_open, atomic_write_bytes, atomic_write_text,
+                         remove_stale_temporaries)
 from w2v2.writers import WRITERS, format_timestamp, get_writer, output_stem
 
 
@@ -144,3 +148,71 @@ def test_writer_failing_mid_way_leaves_nothing(result, tmp_path):
     with pytest.raises(KeyError):
         get_writer("tsv", tmp_path)(result, "clip.wav")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- stale temporaries
+WRITER_THEN_SLEEP = """
+import sys, time
+from w2v2.fileio import atomic_open
+with atomic_open(sys.argv[1]) as f:
+    f.write("half")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_killed_writers_temporary_is_removed_but_not_a_running_ones(tmp_path):
+    target = tmp_path / "talk.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER_THEN_SLEEP, str(target)], stdout=subprocess.PIPE,
+                                env=env, text=True) for _ in range(2)]
+    try:
+        for w in writers:
+            assert w.stdout.readline() == "writing\n"
+        temps = sorted(p.name for p in tmp_path.iterdir())
+        assert len(temps) == 2 and all(t.startswith(".talk.json.") and t.endswith(".tmp") for t in temps)
+        assert remove_stale_temporaries(tmp_path) == []  # both writers run
+        writers[0].kill()
+        writers[0].wait()
+        removed = remove_stale_temporaries(tmp_path)
+        assert [p.name for p in removed] == [t for t in temps if f".{writers[0].pid}@" in t]
+        assert [p.name for p in tmp_path.iterdir()] == [t for t in temps if f".{writers[1].pid}@" in t]
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()
+
+
+def test_stale_temporaries_of_other_hosts_and_older_versions_go_by_age(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    from w2v2.fileio import _host
+
+    names = {
+        f".a.txt.abcd_123.{dead}@{_host()}.tmp": True,  # this host, writer gone
+        f".a.txt.abcd_124.{os.getpid()}@{_host()}.tmp": False,  # this process
+        f".a.txt.abcd_125.{dead}@elsewhere-{_host()}.tmp": False,  # another host, recent
+        ".a.txt.abcd_126.tmp": False,  # an older version's, recent
+        ".notes.tmp": False,  # not a name atomic_open makes
+        "a.txt.abcd_127.tmp": False,  # not hidden
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    old = {f".b.txt.abcd_128.{dead}@elsewhere.tmp": True, ".b.txt.abcd_129.tmp": True, ".old.tmp": False}
+    for name in old:
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (0, time.time() - STALE_AFTER_SECONDS - 60))
+    (tmp_path / f".c.txt.abcd_130.{dead}@{_host()}.tmp").mkdir()  # a directory: not ours
+    os.symlink("a.txt", tmp_path / f".d.txt.abcd_131.{dead}@{_host()}.tmp")  # a link: not ours
+    removed = {p.name for p in remove_stale_temporaries(tmp_path)}
+    assert removed == {n for n, stale in {**names, **old}.items() if stale}
+    assert all(not (tmp_path / n).exists() for n in removed)
+    assert len(os.listdir(tmp_path)) == len(names) + len(old) + 2 - len(removed)
+    assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_long_target_names_get_a_temporary_that_fits(tmp_path):
+    name = "é" * 120 + ".json"  # 245 bytes: the target fits NAME_MAX, its name plus a suffix would not
+    atomic_write_text(tmp_path / name, "{}")
+    assert os.listdir(tmp_path) == [name]
