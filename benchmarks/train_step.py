@@ -98,9 +98,9 @@ def pretrain_steps(hf, ours, x: torch.Tensor):
     """name -> one pretraining update: same mask (p=0.65, length 10) and negatives for both.
     The models and ``x`` must be on the same device (autocast follows ``x.device``)."""
     from w2v2.masking import compute_mask_indices, sample_negatives
-    from w2v2.pretrain import PretrainConfig, pretraining_step
+    from w2v2.pretrain import PretrainingLossConfig, pretraining_step
 
-    xn, cfg = harness.normalized(x), PretrainConfig()
+    xn, cfg = harness.normalized(x), PretrainingLossConfig()
     b, frames = x.shape[0], int(ours.num_frames(torch.tensor([x.shape[1]]))[0])
     g = torch.Generator().manual_seed(0)
     mask = compute_mask_indices((b, frames), cfg.mask_prob, cfg.mask_length, min_masks=cfg.min_masks, generator=g)

@@ -88,8 +88,8 @@ def test_tri_stage_schedule_of_the_cli_defaults():
     add_arguments(p)
     args = p.parse_args(["--init", "random:tiny", "--train", "t", "--valid", "v", "--out", "o",
                          "--max-updates", "100", "--lr", "1e-3"])
-    ft, tc, reg = configs(args)
-    assert tc.schedule == "tri_stage" and reg["layerdrop"] == 0.05 and ft.feature_grad_scale == 0.0
+    ft, tc = configs(args)
+    assert tc.schedule == "tri_stage" and ft.layerdrop == 0.05 and ft.feature_grad_scale == 0.0
     lr = [get_lr(s, tc) for s in range(101)]
     assert lr[0] == pytest.approx(1e-5)  # warm-up from lr * 0.01
     assert all(a < b for a, b in zip(lr[:10], lr[1:11]))  # 10% warm-up
@@ -249,9 +249,8 @@ def _ddp_finetune_worker(rank, world, rendezvous, manifest, run_dir, out):
         return original(self, resume)
 
     trainer_mod.Trainer.train = train
-    cfg = FinetuneConfig(freeze_updates=1, valid_interval=2)
-    finetune("random:tiny", [str(manifest)], [str(manifest)], run_dir, cfg, train_config(max_updates=3, lr=1e-3),
-             max_tokens=32_000, regularisation={"layerdrop": 0.5})
+    cfg = FinetuneConfig(freeze_updates=1, valid_interval=2, max_tokens=32_000, layerdrop=0.5)
+    finetune("random:tiny", [str(manifest)], [str(manifest)], run_dir, cfg, train_config(max_updates=3, lr=1e-3))
     final = {k: v.detach().clone() for k, v in seen[1].model.state_dict().items()}
     torch.save({"initial": seen[0], "final": final}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()

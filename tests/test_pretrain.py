@@ -11,7 +11,7 @@ import w2v2
 from w2v2 import pretrain
 from w2v2.cli import main
 from w2v2.masking import compute_mask_indices, sample_negatives
-from w2v2.pretrain import PretrainConfig, PretrainingLoss, gumbel_temperature, pretraining_step
+from w2v2.pretrain import PretrainingLossConfig, PretrainingLoss, gumbel_temperature, pretraining_step
 from w2v2.trainer import read_metrics
 
 from .conftest import hf_tiny_config
@@ -42,7 +42,7 @@ def test_loss_components_match_transformers(tmp_path):
     negatives = sample_negatives(mask, 12, generator=g)
     hf_neg = torch.zeros(2, frames, 12, dtype=torch.long)
     hf_neg[mask] = (negatives + frames * torch.arange(2)[:, None, None]).view(-1, 12)
-    cfg = PretrainConfig(num_negatives=12, penalty_weight=0.0)
+    cfg = PretrainingLossConfig(num_negatives=12, penalty_weight=0.0)
     with torch.no_grad():
         theirs = hf(normalized(wav), mask_time_indices=mask, sampled_negative_indices=hf_neg)
         r = pretraining_step(ours, wav, None, mask, negatives, cfg)
@@ -61,7 +61,7 @@ def test_loss_components_match_transformers(tmp_path):
 
 
 def test_gumbel_temperature_schedule():
-    cfg = PretrainConfig()
+    cfg = PretrainingLossConfig()
     assert gumbel_temperature(0, cfg) == 2.0
     assert gumbel_temperature(1, cfg) == pytest.approx(2 * 0.999995)
     assert gumbel_temperature(10**6, cfg) == 0.5
@@ -79,7 +79,7 @@ def test_loss_fn_metrics_add_up():
     model = tiny_model()
     wav = torch.randn(3, 8000)
     batch = {"waveforms": wav, "lengths": torch.tensor([8000, 8000, 6000])}
-    loss_fn = PretrainingLoss(PretrainConfig(num_negatives=10, mask_length=4))
+    loss_fn = PretrainingLoss(PretrainingLossConfig(num_negatives=10, mask_length=4))
     loss_fn.set_step(10)
     total, n, m = loss_fn(model, batch)
     assert model.quantizer.temperature == m["gumbel_temp"] == gumbel_temperature(10, loss_fn.cfg)
@@ -100,25 +100,25 @@ def test_feature_encoder_gradient_is_scaled():
         model = tiny_model()
         model.feature_grad_scale = scale
         torch.manual_seed(3)  # same Gumbel noise
-        pretraining_step(model, wav, None, mask, negatives, PretrainConfig(penalty_weight=0.0))["total"].backward()
+        pretraining_step(model, wav, None, mask, negatives, PretrainingLossConfig(penalty_weight=0.0))["total"].backward()
         grads[scale] = model.feature_extractor.conv_layers[0].conv.weight.grad
     assert torch.allclose(grads[0.1], 0.1 * grads[1.0], rtol=1e-4, atol=1e-5)
 
 
 def test_recipes_and_config_file(tmp_path):
-    base = pretrain.recipe("base")
+    base = pretrain.preset_config("base")
     assert base.model.hidden_size == 768 and base.train.lr == 5e-4 and base.loss.mask_prob == 0.65
     assert base.data.max_tokens == 1_400_000 and base.loss.num_negatives == 100
-    small = pretrain.recipe("small", {"train": {"lr": 2e-3}, "model": {"num_hidden_layers": 2}})
+    small = pretrain.preset_config("small", {"train": {"lr": 2e-3}, "model": {"num_hidden_layers": 2}})
     assert small.train.lr == 2e-3 and small.model.num_hidden_layers == 2 and small.model.hidden_size == 256
     path = tmp_path / "run.json"
     path.write_text(json.dumps(small.to_dict()))
-    again = pretrain.load_recipe(path)
+    again = pretrain.load_run_config(path)
     assert again.to_dict() == small.to_dict()
-    with pytest.raises(ValueError, match="unknown PretrainConfig options"):
-        pretrain.recipe("tiny", {"loss": {"negatives": 3}})
+    with pytest.raises(ValueError, match="unknown PretrainingLossConfig options"):
+        pretrain.preset_config("tiny", {"loss": {"negatives": 3}})
     with pytest.raises(ValueError, match="unknown preset"):
-        pretrain.recipe("huge")
+        pretrain.preset_config("huge")
 
 
 def test_cli_pretrain_resume_and_bad_files(tmp_path, capsys):
@@ -159,7 +159,7 @@ def test_tiny_model_learns_on_real_speech(data_dir, tmp_path):
     trajectories: seed 1 learned on one thread and fell back to the plateau on two (another
     summation order). At lr 3e-3, seeds 0-5 on two threads and seeds 1 and 3 on one all left it
     (mean accuracy of the last 50 of 400 updates 0.30-0.43 from 0.11-0.13; chance 1/11)."""
-    rec = pretrain.recipe("tiny", {"model": {"hidden_size": 64, "intermediate_size": 128, "conv_dim": [64] * 7},
+    rec = pretrain.preset_config("tiny", {"model": {"hidden_size": 64, "intermediate_size": 128, "conv_dim": [64] * 7},
                                    "train": {"max_updates": 400, "progress": False, "lr": 3e-3, "clip_norm": 10.0},
                                    "loss": {"diversity_weight": 0.3}, "data": {"max_tokens": 64_000}})
     good, _ = pretrain.prepare_data([data_dir / "ljspeech-amateur"], rec)

@@ -85,13 +85,13 @@ def test_transcripts_required_for_fine_tuning(tmp_path, clips):
 # ---------------------------------------------------------------------------- configs
 def test_config_problems_are_listed_together():
     with pytest.raises(ConfigError) as info:
-        pretrain.recipe("tiny", {"train": {"lr": "fast", "warmup": 3, "save_interval": 0},
+        pretrain.preset_config("tiny", {"train": {"lr": "fast", "warmup": 3, "save_interval": 0},
                                  "loss": {"mask_prob": 1.5, "negatives": 3}, "data": {"max_tokens": 0},
                                  "model": {"hidden_size": 33.5}, "optim": {}})
     problems = info.value.problems
     expected = ["train: unknown TrainConfig options ['warmup'] (did you mean: warmup -> warmup_updates?)",
                 "train.lr: expected a number, got 'fast'",
-                "loss: unknown PretrainConfig options ['negatives'] (did you mean: negatives -> num_negatives?)",
+                "loss: unknown PretrainingLossConfig options ['negatives'] (did you mean: negatives -> num_negatives?)",
                 "model.hidden_size: expected an integer, got 33.5",
                 "unknown section 'optim' in the pretraining config; use model, train, loss, data"]
     assert all(e in problems for e in expected), problems
@@ -113,10 +113,10 @@ def test_check_fields_types():
 
 
 def test_recipe_file_round_trip_still_loads(tmp_path):
-    rec = pretrain.recipe("small", {"train": {"max_epochs": 3}})
+    rec = pretrain.preset_config("small", {"train": {"max_epochs": 3}})
     path = tmp_path / "r.json"
     path.write_text(json.dumps(rec.to_dict()))
-    assert pretrain.load_recipe(path).to_dict() == rec.to_dict()
+    assert pretrain.load_run_config(path).to_dict() == rec.to_dict()
 
 
 # ---------------------------------------------------------------------------- the commands
@@ -132,7 +132,7 @@ def test_pretrain_lists_config_and_manifest_problems_and_writes_nothing(tmp_path
     lines = error_lines(err)
     assert lines[0] == "w2v2 pretrain: error: 10 problems:"
     assert lines[1:4] == ["train.lr: expected a number, got 'fast'",
-                          "loss: unknown PretrainConfig options ['negatives'] (did you mean: negatives -> num_negatives?)",
+                          "loss: unknown PretrainingLossConfig options ['negatives'] (did you mean: negatives -> num_negatives?)",
                           "train: accum_steps must be >= 1 and max_updates >= 0"]
     assert sum(line.startswith(f"{bad}:") for line in lines) == 6
     assert lines[-1] == f"{tmp_path / 'missing.tsv'}: no such manifest"

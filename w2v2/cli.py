@@ -13,6 +13,9 @@ import logging
 import os
 import sys
 
+from .commands._options import HelpFormatter
+from .errors import UserError
+
 # subcommand -> module under w2v2.commands (and its one-line help, shown without importing it)
 COMMANDS = {
     "transcribe": ("transcribe", "transcribe audio and video files"),
@@ -28,15 +31,11 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error caused by input the user can fix: printed as one line, no traceback."""
-
-
 def build_parser(available: dict[str, str] | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="w2v2", description="wav2vec 2.0 end to end",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"w2v2 {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -51,6 +50,15 @@ def _load(module: str):
     return importlib.import_module(f"w2v2.commands.{module}")
 
 
+def command_parser(name: str, module=None, debug: bool = False) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``name`` (``module``: its module, when already imported)."""
+    module = module or _load(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"w2v2 {name}", description=module.HELP, formatter_class=HelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=debug, help="show full tracebacks")
+    module.add_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -60,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 2
     module = _load(COMMANDS[args.command][0])
-    parser = argparse.ArgumentParser(prog=f"w2v2 {args.command}", description=module.HELP,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--debug", action="store_true", default=args.debug, help="show full tracebacks")
-    module.add_arguments(parser)
-    sub_args = parser.parse_args(rest)
+    sub_args = command_parser(args.command, module, debug=args.debug).parse_args(rest)
     try:
         return int(module.run(sub_args) or 0)
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 Field names follow Hugging Face's ``Wav2Vec2Config`` so that a ``config.json`` maps onto
 :class:`ModelConfig` field by field. Presets are plain functions (``tiny``, ``small``,
-``base``, ``large``), never flags inside modules.
+``base``, ``large``), never flags inside modules. Below it, what every options dataclass of the
+package uses: checking values against the fields, and fields that carry their own help.
 """
 
 from __future__ import annotations
@@ -231,6 +232,24 @@ def valid_fields(cls, values: object) -> dict:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in values.items() if k in names and _fits(v, hints[k])}
+
+
+DEVICE_HELP = "auto: cuda when available, else cpu; or cpu, cuda, cuda:N"
+PROGRESS_HELP = "a progress bar on standard error"
+
+
+def option(default=dataclasses.MISSING, help: str = "", **cli) -> dataclasses.Field:
+    """A dataclass field that documents itself: ``help`` says what it is (the help of its flag in
+    the command line, which takes the default from here too); ``cli`` holds argparse settings such
+    as ``choices`` or ``metavar``."""
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+def redefault(cls, name: str, default) -> dataclasses.Field:
+    """The field ``name`` of the dataclass ``cls`` with another default, for a subclass whose
+    defaults differ (its help and settings stay those of ``cls``)."""
+    parent = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return field(default=default, metadata=parent.metadata)
 
 
 def _fits(value: object, hint) -> bool:

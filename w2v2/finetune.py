@@ -42,7 +42,7 @@ import torch
 
 from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import load_model, save_pretrained
-from .config import ModelConfig, preset
+from .config import ModelConfig, option, preset, redefault
 from .data import Collate, Entry
 from .decoding import greedy_decode
 from .decoding.alignment import min_frames
@@ -52,6 +52,7 @@ from .losses import ctc_loss
 from .masking import compute_channel_mask, compute_mask_indices
 from .model import Wav2Vec2, build_model
 from .text import normalize_text
+from .trainer import TrainConfig, Trainer, dist_info
 from .vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -63,18 +64,41 @@ REGULARISATION = ("layerdrop", "hidden_dropout", "attention_dropout", "activatio
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    case: str | None = "upper"  # normalize_text case for vocabulary, targets and scoring
-    freeze_updates: int = 0  # updates during which only the CTC head trains
-    feature_grad_scale: float = 0.0  # 0 freezes the feature encoder (the recipe); 1 trains it fully
-    mask_prob: float = 0.075
-    mask_length: int = 10
-    mask_min_masks: int = 2
-    mask_channel_prob: float = 0.1
-    mask_channel_length: int = 64
-    loss_norm: str = "sentences"  # sentences | tokens
-    valid_interval: int = 500  # updates between validations (and one at the end)
-    valid_batch_seconds: float = 200.0
-    best_metric: str = "wer"  # wer | cer: what best/ minimises (cer while WER is still ~100%)
+    """What fine-tuning adds to the training engine: text, freezing, masking, loss, batches,
+    regularisation and validation. The defaults are fairseq's low-resource recipe (base_1h)."""
+
+    case: str | None = option("upper", "letter case of the normalised transcripts (vocabulary, targets, "
+                                       "scoring); None (keep) leaves it", choices=("upper", "lower", "keep"),
+                              none="keep")
+    freeze_updates: int = option(0, "updates during which only the CTC head trains (fairseq freeze_finetune_updates)")
+    feature_grad_scale: float = option(0.0, "0 freezes the convolutional feature encoder (the fairseq recipe); "
+                                            "1 trains it (from scratch)")
+    mask_prob: float = option(0.075, "time masking: mask_prob * frames / mask_length spans per utterance "
+                                     "(about the fraction of frames masked)")
+    mask_length: int = option(10, "time masking: frames per span")
+    mask_min_masks: int = option(2, "time masking: at least this many spans per utterance")
+    mask_channel_prob: float = option(0.1, "channel masking of the projected features: "
+                                           "mask_channel_prob * hidden size / mask_channel_length spans per utterance")
+    mask_channel_length: int = option(64, "channel masking: channels per span")
+    loss_norm: str = option("sentences", "divide the summed CTC loss by utterances (fairseq sentence_avg) or by "
+                                         "characters", choices=("sentences", "tokens"))
+    max_tokens: int = option(3_200_000, "audio samples per batch and process, padding included")
+    max_batch_size: int | None = option(None, "at most this many utterances per batch; None: no limit")
+    num_workers: int = option(0, "data loader processes decoding audio")
+    layerdrop: float | None = option(0.05, "probability of skipping a Transformer layer in training; None: the "
+                                           "initial model's value")
+    hidden_dropout: float | None = option(None, "dropout of the Transformer's hidden states; None: the initial "
+                                                "model's value")
+    attention_dropout: float | None = option(None, "dropout of the attention weights; None: the initial model's value")
+    activation_dropout: float | None = option(None, "dropout inside the feed-forward blocks; None: the initial "
+                                                    "model's value")
+    feat_proj_dropout: float | None = option(None, "dropout after the feature projection; None: the initial "
+                                                   "model's value")
+    final_dropout: float | None = option(None, "dropout before the CTC head; None: the initial model's value")
+    valid_interval: int = option(500, "updates between validations (and one at the end)")
+    valid_batch_seconds: float = option(200.0, "padded audio per validation forward pass, in seconds")
+    best_metric: str = option("wer", "what best/ minimises on the validation set (cer for models still near "
+                                     "100% WER)", choices=("wer", "cer"))
 
     def __post_init__(self) -> None:
         if self.best_metric not in ("wer", "cer"):
@@ -83,6 +107,9 @@ class FinetuneConfig:
             raise ValueError(f"loss_norm must be 'sentences' or 'tokens', got {self.loss_norm!r}")
         if self.valid_interval < 1:
             raise ValueError(f"valid_interval must be >= 1, got {self.valid_interval}")
+        if self.max_tokens < 1 or self.num_workers < 0 or (self.max_batch_size or 1) < 1:
+            raise ValueError(f"max_tokens and max_batch_size must be >= 1, num_workers >= 0; got {self.max_tokens}, "
+                             f"{self.max_batch_size}, {self.num_workers}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,6 +117,25 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+    def regularisation(self) -> dict:
+        """The ``REGULARISATION`` overrides of the model's configuration (None: keep the model's)."""
+        return {k: getattr(self, k) for k in REGULARISATION}
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """:class:`~w2v2.trainer.TrainConfig` with fine-tuning's defaults (fairseq base_1h: a tri-stage
+    schedule peaking at 5e-5 over 13k updates, no weight decay); ``finetune()`` uses it when given
+    no training options, and ``w2v2 finetune`` takes its flags' defaults from it."""
+
+    lr: float = redefault(TrainConfig, "lr", 5e-5)
+    schedule: str = redefault(TrainConfig, "schedule", "tri_stage")
+    warmup_updates: int = redefault(TrainConfig, "warmup_updates", 1000)
+    max_updates: int = redefault(TrainConfig, "max_updates", 13_000)
+    eps: float = redefault(TrainConfig, "eps", 1e-8)
+    weight_decay: float = redefault(TrainConfig, "weight_decay", 0.0)
+    keep_last: int = redefault(TrainConfig, "keep_last", 2)
 
 
 # ---------------------------------------------------------------------------- model
@@ -431,19 +477,20 @@ def run_vocabulary(run_dir: Path, texts: list[str], case: str | None, resume: bo
     return vocab
 
 
-def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.PathLike, cfg: FinetuneConfig,
-             train_cfg, *, max_tokens: int, max_batch_size: int | None = None, num_workers: int = 0,
-             regularisation: dict | None = None, resume: bool = False) -> dict:
+def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.PathLike,
+             cfg: FinetuneConfig | None = None, train_cfg: TrainConfig | None = None, *, resume: bool = False) -> dict:
     """Fine-tune ``init`` on the ``train`` manifests/folders; returns the trainer's summary plus
-    ``best_wer``, ``best_update`` and ``best`` (the best model's directory)."""
+    ``best_wer``, ``best_update`` and ``best`` (the best model's directory). Options left out are
+    ``w2v2 finetune``'s defaults: ``FinetuneConfig()`` and ``FinetuneTrainConfig()``."""
     from .data import AudioDataset, BucketBatchSampler, make_loader_factory
-    from .trainer import Trainer, dist_info
 
+    cfg = FinetuneConfig() if cfg is None else cfg
+    train_cfg = FinetuneTrainConfig() if train_cfg is None else train_cfg
     run_dir = Path(run_dir)  # created by the trainer, once everything below has been checked
     train_entries, valid_entries = read_data(train, valid)
     train_entries = _checked_entries(train_entries, train, "train")
     vocab = run_vocabulary(run_dir, [e.text or "" for e in train_entries], cfg.case, resume)
-    model = init_model(init, vocab, **(regularisation or {}))
+    model = init_model(init, vocab, **cfg.regularisation())
     freeze_feature_encoder(model, cfg.feature_grad_scale)
     train_entries, dropped = usable_entries(train_entries, vocab, cfg.case, model.num_frames)
     for e, reason in dropped:
@@ -464,10 +511,10 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
 
     info = dist_info()
     dataset = AudioDataset(train_entries, max_samples=None, seed=train_cfg.seed)
-    sampler = BucketBatchSampler([dataset.num_samples(i) for i in range(len(dataset))], max_tokens,
+    sampler = BucketBatchSampler([dataset.num_samples(i) for i in range(len(dataset))], cfg.max_tokens,
                                  seed=train_cfg.seed, rank=info.rank, world_size=info.world_size,
-                                 max_batch_size=max_batch_size)
-    loader = make_loader_factory(dataset, sampler, CTCCollate(vocab, cfg.case), num_workers)
+                                 max_batch_size=cfg.max_batch_size)
+    loader = make_loader_factory(dataset, sampler, CTCCollate(vocab, cfg.case), cfg.num_workers)
     if cfg.freeze_updates > 0 or model.config.layerdrop > 0:
         train_cfg = train_cfg.replace(find_unused_parameters=True)  # DDP: some parameters get no gradient
     validator = Validator(valid_entries, vocab, cfg, run_dir, train_cfg.max_updates)
@@ -475,10 +522,10 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
     if info.is_main:
         vocab.save(run_dir / "vocab.json")
         with atomic_open(run_dir / "finetune_config.json") as f:
+            options = {k: v for k, v in cfg.to_dict().items() if k not in REGULARISATION}
             json.dump({"init": init, "train": list(map(str, train)), "valid": list(map(str, valid)),
-                       "max_tokens": max_tokens, "max_batch_size": max_batch_size,
-                       "regularisation": {k: getattr(model.config, k) for k in REGULARISATION},
-                       **cfg.to_dict()}, f, indent=2)
+                       "regularisation": {k: getattr(model.config, k) for k in REGULARISATION}, **options},
+                      f, indent=2)
     summary = trainer.train(resume=resume)
     best = run_dir / BEST
     summary.update(best_wer=trainer.extra_state.get("best_wer"), best_update=trainer.extra_state.get("best_update"),

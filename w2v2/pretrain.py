@@ -9,8 +9,8 @@ One step, for a batch of waveforms (batch, samples) with lengths::
     total = contrastive_sum + (0.1 * diversity + 10 * feature_penalty) * n_masked
 
 The trainer divides by the number of masked frames (the sample size). Presets bundle the model
-architecture, optimisation, loss and data options of a run (:func:`recipe`); a JSON file can
-override any of them (:func:`load_recipe`).
+architecture, optimisation, loss and data options of a run (:class:`RunConfig`, from
+:func:`preset_config`); a JSON file can override any of them (:func:`load_run_config`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import config as model_presets
-from .config import ConfigError, ModelConfig, check_fields, valid_fields
+from .config import ConfigError, ModelConfig, check_fields, option, valid_fields
 from .losses import codebook_perplexity, contrastive_logits, pretraining_loss
 from .masking import compute_mask_indices, gather_masked, gather_negatives, sample_negatives
 from .model import Wav2Vec2
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainConfig:
-    """The objective's options; defaults are the BASE recipe of the paper / fairseq."""
+class PretrainingLossConfig:
+    """The options of the pretraining objective (masking, negatives, loss weights, Gumbel schedule,
+    feature-encoder gradient); defaults are the BASE recipe of the paper / fairseq."""
 
     mask_prob: float = 0.65
     mask_length: int = 10
@@ -63,13 +64,13 @@ class PretrainConfig:
             raise ValueError("; ".join(problems))
 
 
-def gumbel_temperature(step: int, cfg: PretrainConfig) -> float:
+def gumbel_temperature(step: int, cfg: PretrainingLossConfig) -> float:
     """``max(start * decay ** step, end)``: 2 -> 0.5 by x0.999995 per update for BASE."""
     return max(cfg.gumbel_start * cfg.gumbel_decay ** step, cfg.gumbel_end)
 
 
 def pretraining_step(model: Wav2Vec2, waveforms: Tensor, lengths: Tensor | None, mask: Tensor,
-                     negatives: Tensor, cfg: PretrainConfig) -> dict:
+                     negatives: Tensor, cfg: PretrainingLossConfig) -> dict:
     """Losses for a given mask (batch, frames) and negatives (batch, n, K): the deterministic core.
 
     Returns :func:`w2v2.losses.pretraining_loss`'s dict (``total``, ``contrastive``, ``diversity``,
@@ -102,8 +103,8 @@ class PretrainingLoss:
     ``code_perplexity`` (of the hard choices), ``gumbel_temp`` and ``mask_fraction``.
     """
 
-    def __init__(self, cfg: PretrainConfig | None = None):
-        self.cfg = cfg or PretrainConfig()
+    def __init__(self, cfg: PretrainingLossConfig | None = None):
+        self.cfg = cfg or PretrainingLossConfig()
         self.temperature = gumbel_temperature(0, self.cfg)
 
     def set_step(self, step: int) -> None:
@@ -149,10 +150,10 @@ class PretrainingLoss:
 
 @dataclass
 class DataConfig:
-    max_tokens: int = 1_400_000  # samples per batch and rank
-    max_samples: int = 250_000  # crop longer files (15.6 s)
-    min_samples: int = 32_000  # skip shorter files (2 s)
-    num_workers: int = 4
+    max_tokens: int = option(1_400_000, "audio samples per batch and process, padding included")
+    max_samples: int = option(250_000, "crop longer files to this many samples (250000: 15.6 s)")
+    min_samples: int = option(32_000, "skip files shorter than this many samples (32000: 2 s)")
+    num_workers: int = option(4, "data loader processes decoding audio")
     inputs: list[str] = field(default_factory=list)  # the DATA the run was started with (a record, for plots)
 
     def __post_init__(self) -> None:
@@ -162,12 +163,12 @@ class DataConfig:
 
 
 @dataclass
-class Recipe:
-    """Everything that defines a pretraining run."""
+class RunConfig:
+    """Everything that defines a pretraining run; saved in its directory as ``CONFIG_FILE``."""
 
     model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: PretrainConfig = field(default_factory=PretrainConfig)
+    loss: PretrainingLossConfig = field(default_factory=PretrainingLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preset: str = "base"
 
@@ -176,7 +177,7 @@ class Recipe:
                 "loss": dataclasses.asdict(self.loss), "data": dataclasses.asdict(self.data)}
 
 
-def _recipe_overrides(name: str) -> dict:
+def _preset_overrides(name: str) -> dict:
     """Per-preset departures from the BASE defaults of each dataclass."""
     if name == "base":  # fairseq wav2vec2_base_librispeech: 64 GPUs x 1.4M samples, 400k updates
         return {"train": dict(lr=5e-4, warmup_updates=32_000, max_updates=400_000, precision="bf16")}
@@ -203,16 +204,16 @@ def _recipe_overrides(name: str) -> dict:
     raise ValueError(f"unknown preset {name!r}; choose one of tiny, small, base, large")
 
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "loss": PretrainConfig, "data": DataConfig}
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "loss": PretrainingLossConfig, "data": DataConfig}
 
 
-def recipe(name: str = "base", overrides: dict | None = None) -> Recipe:
+def preset_config(name: str = "base", overrides: dict | None = None) -> RunConfig:
     """The preset ``name`` with ``overrides`` (a dict with optional ``model``, ``train``, ``loss``,
     ``data`` sections) applied on top. Raises :class:`w2v2.config.ConfigError` listing every
     problem (unknown sections and options, wrong types, values out of range)."""
     problems = []
     try:
-        parts = _recipe_overrides(name)
+        parts = _preset_overrides(name)
     except ValueError as e:
         problems.append(str(e))
         parts, name = {}, "base"
@@ -236,7 +237,7 @@ def recipe(name: str = "base", overrides: dict | None = None) -> Recipe:
             problems.append(f"{section}: {e}")
     if problems:
         raise ConfigError(problems)
-    return Recipe(model=built["model"], train=built["train"], loss=built["loss"], data=built["data"], preset=name)
+    return RunConfig(model=built["model"], train=built["train"], loss=built["loss"], data=built["data"], preset=name)
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -255,28 +256,28 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return d
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+def load_run_config(path: str | os.PathLike) -> RunConfig:
     """A JSON file ``{"preset": "small", "model": {...}, "train": {...}, "loss": {...}, "data": {...}}``
-    (every section optional; a file written by :meth:`Recipe.to_dict` loads back unchanged)."""
+    (every section optional; a file written by :meth:`RunConfig.to_dict` loads back unchanged)."""
     d = read_config_file(path)
-    return recipe(d.get("preset", "base"), d)
+    return preset_config(d.get("preset", "base"), d)
 
 
 # ---------------------------------------------------------------------------- a whole run
 
 
-RECIPE_FILE = "pretrain_config.json"
+CONFIG_FILE = "pretrain_config.json"
 
 
-def prepare_data(inputs, rec: Recipe) -> tuple[list, list]:
+def prepare_data(inputs, cfg: RunConfig) -> tuple[list, list]:
     """List and validate the audio of ``inputs`` (manifests, folders, files): ``(good, bad)``."""
     from .data import list_entries, validate_entries
 
-    return validate_entries(list_entries(inputs), min_seconds=rec.data.min_samples / rec.model.sampling_rate)
+    return validate_entries(list_entries(inputs), min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
 
 
-def build_trainer(entries, run_dir: str | os.PathLike, rec: Recipe, model: Wav2Vec2 | None = None, hooks=()):
-    """Model (fresh from ``rec.model`` unless given), bucketed cropping loader and trainer for a run."""
+def build_trainer(entries, run_dir: str | os.PathLike, cfg: RunConfig, model: Wav2Vec2 | None = None, hooks=()):
+    """Model (fresh from ``cfg.model`` unless given), bucketed cropping loader and trainer for a run."""
     from .data import AudioDataset, BucketBatchSampler, Collate, make_loader_factory
     from .model import build_model
     from .trainer import Trainer, dist_info
@@ -284,21 +285,21 @@ def build_trainer(entries, run_dir: str | os.PathLike, rec: Recipe, model: Wav2V
     if not entries:
         raise ValueError("no usable audio to pretrain on (every file was missing, unreadable or too short)")
     info = dist_info()
-    torch.manual_seed(rec.train.seed)
+    torch.manual_seed(cfg.train.seed)
     if model is None:
-        model = build_model(rec.model, with_quantizer=True)
+        model = build_model(cfg.model, with_quantizer=True)
     elif model.quantizer is None:
         raise ValueError("the model to continue pretraining has no quantizer")
-    seed = rec.train.seed
-    ds = AudioDataset(entries, max_samples=rec.data.max_samples, seed=seed, sample_rate=rec.model.sampling_rate)
-    sampler = BucketBatchSampler([ds.num_samples(i) for i in range(len(ds))], rec.data.max_tokens, seed=seed,
+    seed = cfg.train.seed
+    ds = AudioDataset(entries, max_samples=cfg.data.max_samples, seed=seed, sample_rate=cfg.model.sampling_rate)
+    sampler = BucketBatchSampler([ds.num_samples(i) for i in range(len(ds))], cfg.data.max_tokens, seed=seed,
                                  rank=info.rank, world_size=info.world_size, crop_to_shortest=True)
-    loader = make_loader_factory(ds, sampler, Collate(crop_to_shortest=True, seed=seed), rec.data.num_workers)
-    train_cfg = rec.train
-    if info.world_size > 1 and rec.model.layerdrop > 0:
+    loader = make_loader_factory(ds, sampler, Collate(crop_to_shortest=True, seed=seed), cfg.data.num_workers)
+    train_cfg = cfg.train
+    if info.world_size > 1 and cfg.model.layerdrop > 0:
         train_cfg = train_cfg.replace(find_unused_parameters=True)
-    trainer = Trainer(model, PretrainingLoss(rec.loss), loader, train_cfg, run_dir, hooks=hooks)
+    trainer = Trainer(model, PretrainingLoss(cfg.loss), loader, train_cfg, run_dir, hooks=hooks)
     if trainer.info.is_main:
         from .fileio import atomic_write_text
-        atomic_write_text(Path(run_dir) / RECIPE_FILE, json.dumps(rec.to_dict(), indent=2) + "\n")
+        atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     return trainer

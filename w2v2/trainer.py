@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .config import DEVICE_HELP, PROGRESS_HELP, option
 from .fileio import atomic_open
 from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, checkpoint_dirs, last_checkpoint,  # noqa: F401
                    read_checkpoint, read_metrics, rng_state, seed_everything, set_rng_state, write_checkpoint)
@@ -62,37 +63,44 @@ LoaderFactory = Callable[[int, int], Iterable]
 class TrainConfig:
     """Optimisation and bookkeeping options (the model's architecture lives in ``ModelConfig``)."""
 
-    lr: float = 5e-4
-    schedule: str = "polynomial"  # polynomial | tri_stage | constant
-    warmup_updates: int = 32_000  # polynomial / constant: linear warm-up from 0
-    end_lr: float = 0.0  # polynomial: learning rate at max_updates
-    power: float = 1.0  # polynomial: 1 = linear decay
-    tri_stage_ratios: tuple[float, float, float] = (0.1, 0.4, 0.5)  # warm-up, hold, decay fractions
-    init_lr_scale: float = 0.01  # tri_stage: warm-up starts at lr * init_lr_scale
-    final_lr_scale: float = 0.05  # tri_stage: decay ends at lr * final_lr_scale
-    max_updates: int = 400_000
-    max_epochs: int | None = None
-    max_minutes: float | None = None  # stop (and save) after this much training time (per invocation)
-    # "updates": the schedule runs over max_updates; "time": over max_minutes of training time
-    # (the whole run's, kept across resumes), for "train for 8 minutes" budgets whose update
-    # count is not known in advance. Time-driven runs are not bit-reproducible (wall clock).
-    schedule_clock: str = "updates"
-    accum_steps: int = 1  # micro-batches per update and rank (fairseq update_freq)
-    clip_norm: float = 0.0  # 0: no clipping (the norm is still measured and logged)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (GPU, GradScaler)
-    log_interval: int = 10  # console lines; the metric files get every update
-    save_interval: int = 1000  # updates between checkpoints (and one at the end)
-    keep_last: int = 3  # checkpoints kept (0 keeps all)
-    seed: int = 1
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    sample_rate: int = 16000  # to report audio seconds per second from batch["lengths"]
-    progress: bool = True  # tqdm bar on rank 0
-    tensorboard: bool = False
-    find_unused_parameters: bool = False  # DDP: needed when some parameters get no gradient (layerdrop, freezing)
-    max_consecutive_skips: int = 50  # stop with an error when training keeps producing non-finite values
+    lr: float = option(5e-4, "peak learning rate")
+    schedule: str = option("polynomial", "learning-rate schedule", choices=("polynomial", "tri_stage", "constant"))
+    warmup_updates: int = option(32_000, "linear warm-up from 0 (polynomial and constant schedules)")
+    end_lr: float = option(0.0, "learning rate at max_updates (polynomial schedule)")
+    power: float = option(1.0, "exponent of the polynomial decay (1: linear)")
+    tri_stage_ratios: tuple[float, float, float] = option(
+        (0.1, 0.4, 0.5), "tri_stage schedule: fractions of the run spent warming up, holding, decaying",
+        metavar=("WARMUP", "HOLD", "DECAY"))
+    init_lr_scale: float = option(0.01, "tri_stage schedule: warm-up starts at lr times this")
+    final_lr_scale: float = option(0.05, "tri_stage schedule: decay ends at lr times this")
+    max_updates: int = option(400_000, "stop after this many updates")
+    max_epochs: int | None = option(None, "stop after this many passes over the data")
+    max_minutes: float | None = option(None, "stop (and save) after this many minutes of training in this invocation")
+    # "time" serves "train for 8 minutes" budgets whose update count is not known in advance; the
+    # whole run's training time counts (kept across resumes).
+    schedule_clock: str = option("updates", "run the learning-rate schedule over max_updates, or over max_minutes of "
+                                            "training time (a fixed time budget; not bit-reproducible)",
+                                 choices=("updates", "time"))
+    accum_steps: int = option(1, "micro-batches per update and process (fairseq update_freq)")
+    clip_norm: float = option(0.0, "clip the gradient norm to this; 0: no clipping (the norm is still logged)")
+    betas: tuple[float, float] = option((0.9, 0.98), "Adam betas")
+    eps: float = option(1e-6, "Adam epsilon")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    precision: str = option("fp32", "training arithmetic: fp32, or autocast to bf16 (CPU or GPU) or fp16 (GPU, "
+                                    "with gradient scaling), faster but with other numerics; unlike inference, "
+                                    "never chosen automatically", choices=("fp32", "bf16", "fp16"))
+    log_interval: int = option(10, "updates between console lines (the metric files get every update)")
+    save_interval: int = option(1000, "updates between checkpoints (and one at the end)")
+    keep_last: int = option(3, "checkpoints kept (0: all)")
+    seed: int = option(1, "random seed (initialisation, batches, masks, dropout)")
+    device: str = option("auto", DEVICE_HELP)
+    sample_rate: int = option(16000, "audio samples per second, to report audio seconds per second")
+    progress: bool = option(True, PROGRESS_HELP)
+    tensorboard: bool = option(False, "also write TensorBoard logs")
+    find_unused_parameters: bool = option(False, "DistributedDataParallel: let some parameters get no gradient "
+                                                 "(layerdrop, freezing)")
+    max_consecutive_skips: int = option(50, "stop with an error after this many updates in a row with non-finite "
+                                            "values")
 
     def __post_init__(self) -> None:
         self.tri_stage_ratios = tuple(self.tri_stage_ratios)

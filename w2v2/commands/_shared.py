@@ -1,37 +1,49 @@
-"""Arguments and helpers shared by ``w2v2 transcribe`` and ``w2v2 align``."""
+"""Arguments and helpers shared by the inference commands (``transcribe``, ``align``, ``evaluate``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..precision import PRECISIONS
+from ..transcribe import TranscribeOptions
 from ..writers import WRITERS, get_writer
+from ._options import add_fields, add_shared
+
+
+# help of the flags built from TranscribeOptions fields (their defaults are the fields')
+HELP = {
+    "batch_size": "chunks per forward pass, across files; None: 1 on CPU, 8 on GPU",
+    "chunk_seconds": "long audio runs in chunks of this length",
+    "stride_seconds": "context on each side of a chunk, dropped after the model",
+    "lm": "n-gram language model for beam search (ARPA or KenLM binary; see: w2v2 lm)",
+    "alpha": "LM weight (beam search)",
+    "beta": "word insertion bonus (beam search)",
+    "beam_width": "beam search width; None: greedy, or 100 with --lm",
+    "max_segment_chars": "subtitle segments: at most this many characters",
+    "max_segment_seconds": "subtitle segments: at most this long",
+    "pause_seconds": "a longer silence between words starts a segment",
+}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and inference")
-    g.add_argument("--model", default=None,
-                   help="a local directory, a fairseq .pt file or a Hugging Face id; "
-                        "None: the model embedded in the package")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="None: cuda when available, else cpu")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 where the hardware multiplies it natively (CUDA GPUs with bf16, CPUs with "
-                        "AVX512-BF16 or AMX), else fp32; fp32: reference numerics")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="chunks per forward pass, across files; None: 1 on CPU, 8 on GPU")
-    g.add_argument("--chunk-seconds", type=float, default=30.0, help="long audio runs in chunks of this length")
-    g.add_argument("--stride-seconds", type=float, default=5.0,
-                   help="context on each side of a chunk, dropped after the model")
+    add_shared(g, "--model", "--device", "--precision")
+    add_fields(g, TranscribeOptions, ("batch_size", "chunk_seconds", "stride_seconds"), help=HELP)
 
 
-def load_cli_model(args: argparse.Namespace):
-    """The model of --model on --device; the embedded default when none is named, with a line on
-    stderr saying what that model is and how accurate (its model card)."""
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("decoding (greedy unless --lm or --beam-width)")
+    add_fields(g, TranscribeOptions, ("lm", "alpha", "beta", "beam_width"), help=HELP)
+
+
+def load_cli_model(args: argparse.Namespace, **kwargs):
+    """The model of --model on --device (``kwargs`` go to ``load_model``); the embedded default
+    when none is named, with a line on stderr saying what that model is and how accurate (its
+    model card)."""
     from ..checkpoint import default_model_notice, load_model
     from ..emissions import resolve_device
 
-    model = load_model(args.model, device=resolve_device(args.device))
+    model = load_model(args.model, device=resolve_device(args.device), **kwargs)
     notice = default_model_notice() if args.model is None else None
     if notice:
         print(notice, file=sys.stderr)
@@ -43,9 +55,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_format: str) -
     g.add_argument("--format", "-f", choices=[*WRITERS, "all"], default=default_format,
                    help="output format; without --output-dir it is printed to standard output")
     g.add_argument("--output-dir", "-o", default=None, help="write <input name>.<format> files here; None: print to standard output")
-    g.add_argument("--max-segment-chars", type=int, default=80, help="subtitle segments: at most this many characters")
-    g.add_argument("--max-segment-seconds", type=float, default=10.0, help="subtitle segments: at most this long")
-    g.add_argument("--pause-seconds", type=float, default=0.5, help="a longer silence between words starts a segment")
+    add_fields(g, TranscribeOptions, ("max_segment_chars", "max_segment_seconds", "pause_seconds"), help=HELP)
 
 
 def check_output_arguments(args: argparse.Namespace) -> None:

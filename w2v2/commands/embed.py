@@ -28,8 +28,10 @@ import numpy as np
 from safetensors.numpy import save as st_save
 from tqdm import tqdm
 
-from ..cli import UserError
+from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ._options import add_shared
+from ._shared import load_cli_model
 
 HELP = "extract representations to safetensors/npy"
 
@@ -38,23 +40,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="audio/video files, directories (searched recursively) or .tsv manifests "
                              "(a 'path' column, relative to the manifest)")
-    parser.add_argument("--model", default="default", help="model directory, fairseq .pt, or Hugging Face id")
-    parser.add_argument("--layer", "--layers", dest="layer", default="all",
-                        help="'all' (0..N, 0 = Transformer input), one layer N, or a list like 0,6,12 "
-                             "(negative counts from the last); only the layers needed are run")
+    add_shared(parser, "--model")
+    add_shared(parser, "--layers")
     parser.add_argument("--pool", choices=["mean", "none"], default="mean",
                         help="mean over frames -> (layers, dim), or none -> (layers, frames, dim) with frame times")
-    parser.add_argument("--format", choices=["safetensors", "npy"], default="safetensors")
+    parser.add_argument("--format", choices=["safetensors", "npy"], default="safetensors",
+                        help="file format of --output-dir's files (see the module's documentation)")
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--output-dir", help="one file per input here (subdirectories mirror the input names)")
     out.add_argument("--output", help="one combined safetensors file for all inputs")
-    parser.add_argument("--batch-size", type=int, default=8, help="files per forward pass (sorted by duration)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_shared(parser, "--batch-size", "--device", "--progress")
 
 
 def run(args) -> int:
-    from ..checkpoint import load_model
     from ..embed import embed, frame_shift, receptive_field, resolve_inputs, resolve_layers
 
     if args.output and args.format != "safetensors":
@@ -62,12 +60,12 @@ def run(args) -> int:
     items = resolve_inputs(args.inputs)
     if not items:
         raise UserError(f"no audio files found in {' '.join(args.inputs)}")
-    model = load_model(args.model, device=args.device, with_quantizer=False)
-    layers = resolve_layers(args.layer, model.config.num_hidden_layers)
-    meta = {"model": str(args.model), "layers": json.dumps(layers), "pool": args.pool,
+    model = load_cli_model(args, with_quantizer=False)
+    layers = resolve_layers(args.layers, model.config.num_hidden_layers)
+    meta = {"model": args.model or "default", "layers": json.dumps(layers), "pool": args.pool,
             "frame_shift": repr(frame_shift(model)), "receptive_field": repr(receptive_field(model))}
     done, failed = [], 0
-    bar = tqdm(total=len(items), unit="file", disable=args.no_progress or None, file=sys.stderr)
+    bar = tqdm(total=len(items), unit="file", disable=not args.progress or None, file=sys.stderr)
     for e in embed(model, items, layers=layers, pool=args.pool, batch_size=args.batch_size):
         bar.update(1)
         if not e.ok:

@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("out_dir", help="output folder (config.json, model.safetensors, vocab.json, ...)")
     p.add_argument("--fp16", action="store_true", help="store float16 weights (half the size)")
     p.add_argument("--keep-quantizer", action="store_true",
-                   help="keep the quantizer of a pretraining checkpoint (default: drop it)")
+                   help="keep the quantizer of a pretraining checkpoint (which is dropped without this flag)")
 
 
 def export(checkpoint: str, out_dir: str, fp16: bool = False, keep_quantizer: bool = False):

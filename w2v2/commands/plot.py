@@ -9,11 +9,11 @@ HELP = "render training curves and diagnostics of a run directory"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
-    parser.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/plots)")
+    parser.add_argument("--out", metavar="DIR", help="where to write the PNGs; None: RUN_DIR/plots")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="render only these figures")
     parser.add_argument("--audio", nargs="+", metavar="FILE",
-                        help="audio for the checkpoint figures (default: files from the run's data)")
-    parser.add_argument("--dpi", type=int, default=110)
+                        help="audio for the checkpoint figures; None: files from the run's data")
+    parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNGs, in dots per inch")
 
 
 def run(args) -> int:

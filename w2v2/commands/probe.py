@@ -14,13 +14,15 @@ import sys
 
 from tqdm import tqdm
 
-from ..cli import UserError
+from ..errors import UserError
+from ._options import add_shared
+from ._shared import load_cli_model
 
 HELP = "linear probe accuracy per layer"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="default", help="model directory, fairseq .pt, or Hugging Face id")
+    add_shared(parser, "--model")
     parser.add_argument("--train", help="training manifest (.tsv with 'path' and the label column)")
     parser.add_argument("--test", help="test manifest")
     parser.add_argument("--data", help="one manifest, split with --split-by (instead of --train/--test)")
@@ -31,15 +33,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="share of speakers (or of each label's utterances) held out for testing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of cross-validation folds")
-    parser.add_argument("--layers", default="all", help="'all' or a list like 0,6,12 (0 = Transformer input)")
+    add_shared(parser, "--layers")
     parser.add_argument("--C", type=float, nargs="+", default=[1.0],
                         help="inverse L2 strength; several values pick one per layer by cross-validation")
     parser.add_argument("--cv-folds", type=int, default=3, help="folds for choosing C (when several --C)")
-    parser.add_argument("--batch-size", type=int, default=8, help="files per forward pass")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    add_shared(parser, "--batch-size", "--device")
     parser.add_argument("--json", help="write the results here (JSON)")
     parser.add_argument("--plot", help="write a PNG of accuracy by layer here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_shared(parser, "--progress")
 
 
 def load_split(args) -> tuple[list[dict], list[dict], dict]:
@@ -63,7 +64,6 @@ def load_split(args) -> tuple[list[dict], list[dict], dict]:
 
 
 def run(args) -> int:
-    from ..checkpoint import load_model
     from ..embed import rows_to_items
     from ..probe import Panel, chance_accuracy, format_table, plot_accuracy, pooled_features, probe_layers
 
@@ -75,8 +75,9 @@ def run(args) -> int:
             raise UserError(f"no column {args.label_column!r} in the manifest; "
                             f"columns: {', '.join(k for k in rows[0] if k != 'audio')}")
     rows = train_rows + test_rows
-    model = load_model(args.model, device=args.device, with_quantizer=False)
-    bar = tqdm(total=len(rows), unit="file", disable=args.no_progress or None, file=sys.stderr)
+    model = load_cli_model(args, with_quantizer=False)
+    name = args.model or "default"
+    bar = tqdm(total=len(rows), unit="file", disable=not args.progress or None, file=sys.stderr)
 
     def progress(e):
         bar.update(1)
@@ -100,9 +101,9 @@ def run(args) -> int:
                            cv_groups=groups, seed=args.seed)
     chance = chance_accuracy(ytr, yte)
     print(f"{args.label_column}: {len(ytr)} train / {len(yte)} test files, {len(set(ytr))} classes, "
-          f"model {args.model}")
+          f"model {name}")
     print(format_table(results, chance))
-    report = {"model": str(args.model), "label_column": args.label_column, **info, "n_train": len(ytr),
+    report = {"model": name, "label_column": args.label_column, **info, "n_train": len(ytr),
               "n_test": len(yte), "classes": sorted(set(ytr) | set(yte)), "chance": chance,
               "layers": [r.to_dict() for r in results], "skipped": {rows[i]["audio"]: e for i, e in errors.items()}}
     if args.json:
@@ -110,7 +111,7 @@ def run(args) -> int:
 
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     if args.plot:
-        curve = {str(args.model): ([r.layer for r in results], [r.accuracy for r in results])}
+        curve = {name: ([r.layer for r in results], [r.accuracy for r in results])}
         plot_accuracy({f"{args.label_column} probe": Panel(curve, chance=chance)}, args.plot)
     if errors:
         print(f"{len(errors)} files skipped (see above)", file=sys.stderr)

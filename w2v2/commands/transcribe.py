@@ -10,8 +10,8 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._shared import (add_model_arguments, add_output_arguments, check_output_arguments, emit, failure_line,
-                      load_cli_model)
+from ._shared import (add_decoding_arguments, add_model_arguments, add_output_arguments, check_output_arguments,
+                      emit, failure_line, load_cli_model)
 
 HELP = "transcribe audio and video files of any length, with word timestamps"
 
@@ -22,11 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or http(s) URLs (needs yt-dlp: pip install 'w2v2[url]')")
     add_model_arguments(parser)
     add_output_arguments(parser, default_format="txt")
-    g = parser.add_argument_group("decoding (greedy unless --lm or --beam-width)")
-    g.add_argument("--lm", default=None, help="n-gram language model (ARPA or KenLM binary; see: w2v2 lm)")
-    g.add_argument("--alpha", type=float, default=0.5, help="LM weight")
-    g.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
-    g.add_argument("--beam-width", type=int, default=None, help="beam search width; None: greedy, or 100 with --lm")
+    add_decoding_arguments(parser)
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip inputs whose output files all exist in --output-dir")
 

@@ -119,12 +119,12 @@ def plot_utterance(ctx: PlotContext):
     if model is None or model.quantizer is None or not ctx.waveforms():
         return None
     from ..masking import compute_mask_indices, sample_negatives
-    from ..pretrain import PretrainConfig, pretraining_step
+    from ..pretrain import PretrainingLossConfig, pretraining_step
 
     name, wav = ctx.waveforms()[0]
     wav = wav[: 16000 * 4]
-    loss_cfg = PretrainConfig(**{k: v for k, v in ctx.run_config().get("loss", {}).items()
-                                 if k in PretrainConfig.__dataclass_fields__})
+    loss_cfg = PretrainingLossConfig(**{k: v for k, v in ctx.run_config().get("loss", {}).items()
+                                 if k in PretrainingLossConfig.__dataclass_fields__})
     x = torch.from_numpy(wav)[None]
     frames = int(model.num_frames(torch.tensor([len(wav)]))[0])
     g = torch.Generator().manual_seed(0)
