@@ -239,3 +239,19 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_evaluate_without_model_uses_the_embedded_one_and_says_so(tmp_path, data_dir, capsys):
+    from w2v2.checkpoint import default_model_notice
+
+    notice = default_model_notice()
+    if notice is None:
+        pytest.skip("no default model embedded in this checkout")
+    clip = data_dir / "speechocean762-train" / "audio" / "000010168.opus"
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(f"path\tseconds\tspeaker\ttext\n{clip}\t1.67\ts\tBye!\n")
+    assert cli.main(["evaluate", "--data", str(manifest), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert notice in err.splitlines() and "default" in out and "m.tsv" in out
+    assert cli.main(["transcribe", str(clip), "--device", "cpu"]) == 0
+    assert notice in capsys.readouterr().err.splitlines()  # the same line as transcribe's

@@ -68,7 +68,7 @@ class FinetuneConfig:
     regularisation and validation. The defaults are fairseq's low-resource recipe (base_1h)."""
 
     case: str | None = option("upper", "letter case of the normalised transcripts (vocabulary, targets, "
-                                       "scoring); None (keep) leaves it", choices=("upper", "lower", "keep"),
+                                       "scoring); None (keep on the command line) leaves it as written", choices=("upper", "lower", "keep"),
                               none="keep")
     freeze_updates: int = option(0, "updates during which only the CTC head trains (fairseq freeze_finetune_updates)")
     feature_grad_scale: float = option(0.0, "0 freezes the convolutional feature encoder (the fairseq recipe); "

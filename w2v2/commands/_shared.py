@@ -1,4 +1,4 @@
-"""Arguments and helpers shared by the inference commands (``transcribe``, ``align``, ``evaluate``)."""
+"""Arguments and helpers shared by the commands that run a model (transcribe, align, evaluate, embed, probe)."""
 
 from __future__ import annotations
 
