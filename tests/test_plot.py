@@ -17,10 +17,10 @@ from .helpers import write_clips
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("plot")
     write_clips(root / "clips", [1.0, 1.2, 1.4, 1.6])
-    rec = pretrain.preset_config("tiny", {"train": {"max_updates": 4, "progress": False},
-                                   "data": {"max_tokens": 40_000, "inputs": [str(root / "clips")]}})
-    good, _ = pretrain.prepare_data([root / "clips"], rec)
-    pretrain.build_trainer(good, root / "run", rec).train()
+    cfg = pretrain.preset_config("tiny", {"train": {"max_updates": 4, "progress": False},
+                                          "data": {"max_tokens": 40_000, "inputs": [str(root / "clips")]}})
+    good, _ = pretrain.prepare_data([root / "clips"], cfg)
+    pretrain.build_trainer(good, root / "run", cfg).train()
     return root / "run"
 
 

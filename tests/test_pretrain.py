@@ -1,4 +1,4 @@
-"""Pretraining objective: parity with transformers, schedules, recipes, and the CLI end to end."""
+"""Pretraining objective: parity with transformers, schedules, presets, and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_feature_encoder_gradient_is_scaled():
     assert torch.allclose(grads[0.1], 0.1 * grads[1.0], rtol=1e-4, atol=1e-5)
 
 
-def test_recipes_and_config_file(tmp_path):
+def test_presets_and_config_file(tmp_path):
     base = pretrain.preset_config("base")
     assert base.model.hidden_size == 768 and base.train.lr == 5e-4 and base.loss.mask_prob == 0.65
     assert base.data.max_tokens == 1_400_000 and base.loss.num_negatives == 100
@@ -159,16 +159,16 @@ def test_tiny_model_learns_on_real_speech(data_dir, tmp_path):
     trajectories: seed 1 learned on one thread and fell back to the plateau on two (another
     summation order). At lr 3e-3, seeds 0-5 on two threads and seeds 1 and 3 on one all left it
     (mean accuracy of the last 50 of 400 updates 0.30-0.43 from 0.11-0.13; chance 1/11)."""
-    rec = pretrain.preset_config("tiny", {"model": {"hidden_size": 64, "intermediate_size": 128, "conv_dim": [64] * 7},
-                                   "train": {"max_updates": 400, "progress": False, "lr": 3e-3, "clip_norm": 10.0},
-                                   "loss": {"diversity_weight": 0.3}, "data": {"max_tokens": 64_000}})
-    good, _ = pretrain.prepare_data([data_dir / "ljspeech-amateur"], rec)
-    pretrain.build_trainer(good[:40], tmp_path, rec).train()
+    cfg = pretrain.preset_config("tiny", {"model": {"hidden_size": 64, "intermediate_size": 128, "conv_dim": [64] * 7},
+                                          "train": {"max_updates": 400, "progress": False, "lr": 3e-3, "clip_norm": 10.0},
+                                          "loss": {"diversity_weight": 0.3}, "data": {"max_tokens": 64_000}})
+    good, _ = pretrain.prepare_data([data_dir / "ljspeech-amateur"], cfg)
+    pretrain.build_trainer(good[:40], tmp_path, cfg).train()
     rows = read_metrics(tmp_path)
     first = sum(r["accuracy"] for r in rows[:20]) / 20
     last = sum(r["accuracy"] for r in rows[-20:]) / 20
-    assert last > first + 0.1 and last > 3 / (rec.loss.num_negatives + 1)
-    codewords = rec.model.num_codevector_groups * rec.model.num_codevectors_per_group
+    assert last > first + 0.1 and last > 3 / (cfg.loss.num_negatives + 1)
+    codewords = cfg.model.num_codevector_groups * cfg.model.num_codevectors_per_group
     assert rows[-1]["code_perplexity"] > codewords / 2  # the codebook did not collapse
 
 

@@ -86,8 +86,8 @@ def test_transcripts_required_for_fine_tuning(tmp_path, clips):
 def test_config_problems_are_listed_together():
     with pytest.raises(ConfigError) as info:
         pretrain.preset_config("tiny", {"train": {"lr": "fast", "warmup": 3, "save_interval": 0},
-                                 "loss": {"mask_prob": 1.5, "negatives": 3}, "data": {"max_tokens": 0},
-                                 "model": {"hidden_size": 33.5}, "optim": {}})
+                                        "loss": {"mask_prob": 1.5, "negatives": 3}, "data": {"max_tokens": 0},
+                                        "model": {"hidden_size": 33.5}, "optim": {}})
     problems = info.value.problems
     expected = ["train: unknown TrainConfig options ['warmup'] (did you mean: warmup -> warmup_updates?)",
                 "train.lr: expected a number, got 'fast'",
@@ -112,11 +112,11 @@ def test_check_fields_types():
                                                           "got ['lr']"]
 
 
-def test_recipe_file_round_trip_still_loads(tmp_path):
-    rec = pretrain.preset_config("small", {"train": {"max_epochs": 3}})
+def test_run_config_file_round_trip_still_loads(tmp_path):
+    cfg = pretrain.preset_config("small", {"train": {"max_epochs": 3}})
     path = tmp_path / "r.json"
-    path.write_text(json.dumps(rec.to_dict()))
-    assert pretrain.load_run_config(path).to_dict() == rec.to_dict()
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert pretrain.load_run_config(path).to_dict() == cfg.to_dict()
 
 
 # ---------------------------------------------------------------------------- the commands

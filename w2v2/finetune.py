@@ -65,11 +65,11 @@ REGULARISATION = ("layerdrop", "hidden_dropout", "attention_dropout", "activatio
 @dataclass(frozen=True)
 class FinetuneConfig:
     """What fine-tuning adds to the training engine: text, freezing, masking, loss, batches,
-    regularisation and validation. The defaults are fairseq's low-resource recipe (base_1h)."""
+    regularisation and validation (the optimisation is :class:`FinetuneTrainConfig`)."""
 
-    case: str | None = option("upper", "letter case of the normalised transcripts (vocabulary, targets, "
-                                       "scoring); None (keep on the command line) leaves it as written", choices=("upper", "lower", "keep"),
-                              none="keep")
+    case: str | None = option("upper", "letter case of the normalised transcripts (vocabulary, targets, scoring); "
+                                       "None (keep on the command line) leaves it as written",
+                              choices=("upper", "lower", "keep"), none="keep")
     freeze_updates: int = option(0, "updates during which only the CTC head trains (fairseq freeze_finetune_updates)")
     feature_grad_scale: float = option(0.0, "0 freezes the convolutional feature encoder (the fairseq recipe); "
                                             "1 trains it (from scratch)")
@@ -125,9 +125,10 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneTrainConfig(TrainConfig):
-    """:class:`~w2v2.trainer.TrainConfig` with fine-tuning's defaults (fairseq base_1h: a tri-stage
-    schedule peaking at 5e-5 over 13k updates, no weight decay); ``finetune()`` uses it when given
-    no training options, and ``w2v2 finetune`` takes its flags' defaults from it."""
+    """:class:`~w2v2.trainer.TrainConfig` with fine-tuning's defaults, the optimisation of fairseq's
+    base_1h recipe (a tri-stage schedule peaking at 5e-5 over 13k updates, Adam epsilon 1e-8, no
+    weight decay); ``finetune()`` uses it when given no training options, and ``w2v2 finetune``
+    takes its flags' defaults from it."""
 
     lr: float = redefault(TrainConfig, "lr", 5e-5)
     schedule: str = redefault(TrainConfig, "schedule", "tri_stage")
