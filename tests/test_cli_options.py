@@ -54,6 +54,8 @@ def shown_help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 def test_every_option_has_help_and_shows_its_default_at_most_once():
     for name, parser in parsers().items():
         assert parser.format_help()  # every help string formats (no stray %)
+        for action in parser._actions:
+            assert action.help, f"w2v2 {name} {action.metavar or action.dest}: no help"
         for action, _ in options(parser):
             where = f"w2v2 {name} {action.option_strings[0]}"
             text = shown_help(parser, action)

@@ -124,7 +124,7 @@ def plot_utterance(ctx: PlotContext):
     name, wav = ctx.waveforms()[0]
     wav = wav[: 16000 * 4]
     loss_cfg = PretrainingLossConfig(**{k: v for k, v in ctx.run_config().get("loss", {}).items()
-                                 if k in PretrainingLossConfig.__dataclass_fields__})
+                                        if k in PretrainingLossConfig.__dataclass_fields__})
     x = torch.from_numpy(wav)[None]
     frames = int(model.num_frames(torch.tensor([len(wav)]))[0])
     g = torch.Generator().manual_seed(0)
