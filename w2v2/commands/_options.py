@@ -58,9 +58,9 @@ def _plain_type(hint):
     return hint
 
 
-def field_argument(cls, name: str, *, default: bool = True, help: str | None = None) -> tuple[str, dict]:
+def _field_argument(cls, name: str, *, defaults: bool = True, help: str | None = None) -> tuple[str, dict]:
     """(flag, argparse keyword arguments) for the field ``name`` of the dataclass ``cls``: its
-    default (None with ``default=False``: a flag that only overrides when given), type, choices
+    default (None with ``defaults=False``: a flag that only overrides when given), type, choices
     and help (the field's own unless ``help`` is given)."""
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
     hint = _plain_type(typing.get_type_hints(cls)[name])
@@ -77,21 +77,21 @@ def field_argument(cls, name: str, *, default: bool = True, help: str | None = N
         kwargs.update(nargs=len(typing.get_args(hint)), type=integer if item is int else item)
     elif hint is not str:  # strings need no conversion
         kwargs["type"] = integer if hint is int else hint
-    kwargs["default"] = value if default else None
+    kwargs["default"] = value if defaults else None
     return _flag(name), kwargs
 
 
-def add_fields(parser, cls, names, *, default: bool = True, help: dict[str, str] | None = None) -> None:
-    """A flag for each field in ``names`` of the dataclass ``cls`` (see :func:`field_argument`)."""
+def add_fields(parser, cls, names, *, defaults: bool = True, help: dict[str, str] | None = None) -> None:
+    """A flag for each field in ``names`` of the dataclass ``cls`` (see :func:`_field_argument`)."""
     for name in names:
-        flag, kwargs = field_argument(cls, name, default=default, help=(help or {}).get(name))
+        flag, kwargs = _field_argument(cls, name, defaults=defaults, help=(help or {}).get(name))
         parser.add_argument(flag, **kwargs)
 
 
 def field_values(cls, args: argparse.Namespace, names, *, given_only: bool = False) -> dict:
     """The parsed values of the flags :func:`add_fields` made, as keyword arguments of ``cls``
     (the word standing for None turned into None, lists into tuples). ``given_only``: only the
-    flags given (for flags built with ``default=False``)."""
+    flags given (for flags built with ``defaults=False``)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for name in names:

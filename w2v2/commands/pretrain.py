@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", metavar="MODEL", help="start from this model's weights (it must have a quantizer)")
     g = parser.add_argument_group("overrides (win over preset and config; without them, the preset's or "
                                   "--config's values)")
-    add_fields(g, TrainConfig, TRAIN, default=False)
-    add_fields(g, DataConfig, DATA, default=False)
+    add_fields(g, TrainConfig, TRAIN, defaults=False)
+    add_fields(g, DataConfig, DATA, defaults=False)
 
 
 def _overrides(args) -> dict:
