@@ -128,6 +128,17 @@ def test_case_keep_means_none():
     assert configs(parser.parse_args(required + ["--case", "keep"]))[0].case is None
 
 
+def test_bad_batch_options_are_refused_before_training():
+    from w2v2.commands.finetune import configs
+    from w2v2.config import ConfigError
+
+    parser = cli.command_parser("finetune")
+    required = ["--init", "random:tiny", "--train", "t", "--valid", "v", "--out", "o"]
+    for bad in (["--max-batch-size", "0"], ["--max-tokens", "0"], ["--num-workers", "-1"]):
+        with pytest.raises(ConfigError, match="max_tokens and max_batch_size must be >= 1"):
+            configs(parser.parse_args(required + bad))
+
+
 def test_pretrain_flags_override_only_when_given():
     from w2v2.commands.pretrain import _overrides
 

@@ -107,7 +107,7 @@ class FinetuneConfig:
             raise ValueError(f"loss_norm must be 'sentences' or 'tokens', got {self.loss_norm!r}")
         if self.valid_interval < 1:
             raise ValueError(f"valid_interval must be >= 1, got {self.valid_interval}")
-        if self.max_tokens < 1 or self.num_workers < 0 or (self.max_batch_size or 1) < 1:
+        if self.max_tokens < 1 or self.num_workers < 0 or (self.max_batch_size is not None and self.max_batch_size < 1):
             raise ValueError(f"max_tokens and max_batch_size must be >= 1, num_workers >= 0; got {self.max_tokens}, "
                              f"{self.max_batch_size}, {self.num_workers}")
 
