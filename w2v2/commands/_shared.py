@@ -7,11 +7,12 @@ import sys
 
 from ..transcribe import TranscribeOptions
 from ..writers import WRITERS, get_writer
-from ._options import add_fields, add_shared
+from ._options import add_fields, add_shared, field_values
 
 
-# help of the flags built from TranscribeOptions fields (their defaults are the fields')
-HELP = {
+# help of the flags built from TranscribeOptions fields (their defaults are the fields'; the keys are the fields
+# that flags set)
+FIELD_HELP = {
     "batch_size": "chunks per forward pass, across files; None: 1 on CPU, 8 on GPU",
     "chunk_seconds": "long audio runs in chunks of this length",
     "stride_seconds": "context on each side of a chunk, dropped after the model",
@@ -28,12 +29,19 @@ HELP = {
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and inference")
     add_shared(g, "--model", "--device", "--precision")
-    add_fields(g, TranscribeOptions, ("batch_size", "chunk_seconds", "stride_seconds"), help=HELP)
+    add_fields(g, TranscribeOptions, ("batch_size", "chunk_seconds", "stride_seconds"), help=FIELD_HELP)
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("decoding (greedy unless --lm or --beam-width)")
-    add_fields(g, TranscribeOptions, ("lm", "alpha", "beta", "beam_width"), help=HELP)
+    add_fields(g, TranscribeOptions, ("lm", "alpha", "beta", "beam_width"), help=FIELD_HELP)
+
+
+def transcribe_options(args: argparse.Namespace) -> TranscribeOptions:
+    """The TranscribeOptions of the parsed flags (those the command has; the others keep their defaults)."""
+    names = [n for n in FIELD_HELP if hasattr(args, n)]
+    return TranscribeOptions(device=args.device, precision=args.precision,
+                             **field_values(TranscribeOptions, args, names))
 
 
 def load_cli_model(args: argparse.Namespace, **kwargs):
@@ -55,7 +63,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_format: str) -
     g.add_argument("--format", "-f", choices=[*WRITERS, "all"], default=default_format,
                    help="output format; without --output-dir it is printed to standard output")
     g.add_argument("--output-dir", "-o", default=None, help="write <input name>.<format> files here; None: print to standard output")
-    add_fields(g, TranscribeOptions, ("max_segment_chars", "max_segment_seconds", "pause_seconds"), help=HELP)
+    add_fields(g, TranscribeOptions, ("max_segment_chars", "max_segment_seconds", "pause_seconds"), help=FIELD_HELP)
 
 
 def check_output_arguments(args: argparse.Namespace) -> None:

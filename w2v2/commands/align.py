@@ -6,7 +6,8 @@ import argparse
 import os
 import tempfile
 
-from ._shared import add_model_arguments, add_output_arguments, check_output_arguments, emit, load_cli_model
+from ._shared import (add_model_arguments, add_output_arguments, check_output_arguments, emit, load_cli_model,
+                      transcribe_options)
 
 HELP = "word timestamps for a known transcript (CTC forced alignment)"
 
@@ -21,15 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..audio import download_url, is_url
-    from ..transcribe import TranscribeOptions, Transcriber
+    from ..transcribe import Transcriber
 
     check_output_arguments(args)
     transcript = _read_transcript(args.transcript)
-    options = TranscribeOptions(
-        chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds, batch_size=args.batch_size,
-        device=args.device, precision=args.precision, max_segment_chars=args.max_segment_chars,
-        max_segment_seconds=args.max_segment_seconds, pause_seconds=args.pause_seconds,
-    )
+    options = transcribe_options(args)
     model = load_cli_model(args)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
     with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp:

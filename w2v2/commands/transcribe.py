@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ._shared import (add_decoding_arguments, add_model_arguments, add_output_arguments, check_output_arguments,
-                      emit, failure_line, load_cli_model)
+                      emit, failure_line, load_cli_model, transcribe_options)
 
 HELP = "transcribe audio and video files of any length, with word timestamps"
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..audio import audio_duration, is_url, list_audio_files
-    from ..transcribe import TranscribeOptions, Transcriber
+    from ..transcribe import Transcriber
 
     check_output_arguments(args)
     if args.skip_existing and args.output_dir is None:
@@ -49,12 +49,7 @@ def run(args: argparse.Namespace) -> int:
         if not inputs:
             return 1 if failures else 0
     _warn_same_names(inputs, args)
-    options = TranscribeOptions(
-        chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds, batch_size=args.batch_size,
-        device=args.device, precision=args.precision, lm=args.lm, alpha=args.alpha, beta=args.beta,
-        beam_width=args.beam_width, max_segment_chars=args.max_segment_chars,
-        max_segment_seconds=args.max_segment_seconds, pause_seconds=args.pause_seconds,
-    )
+    options = transcribe_options(args)
     model = load_cli_model(args)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
     durations = [None if i == "-" or is_url(i) else _duration(audio_duration, i) for i in inputs]
