@@ -1,8 +1,8 @@
 """The ``w2v2`` command line: a thin dispatcher over one module per subcommand.
 
-Each module in ``w2v2.commands`` defines ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int`` (the exit status). Modules are imported only when their command runs,
-so ``w2v2 --help`` stays fast.
+Each module in ``w2v2.commands`` defines ``add_arguments(parser)`` and ``run(args) -> int`` (the
+exit status); its one-line description is here, in ``COMMANDS``. Modules are imported only when
+their command runs, so ``w2v2 --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import sys
 from .commands._options import HelpFormatter
 from .errors import UserError
 
-# subcommand -> module under w2v2.commands (and its one-line help, shown without importing it)
+# subcommand -> module under w2v2.commands and its one-line description (listed without importing it)
 COMMANDS = {
-    "transcribe": ("transcribe", "transcribe audio and video files"),
+    "transcribe": ("transcribe", "transcribe audio and video files of any length, with word timestamps"),
     "align": ("align", "word timestamps for a known transcript (CTC forced alignment)"),
     "pretrain": ("pretrain", "self-supervised pretraining on unlabeled audio"),
     "finetune": ("finetune", "CTC fine-tuning on transcribed audio"),
@@ -27,7 +27,7 @@ COMMANDS = {
     "embed": ("embed", "extract representations to safetensors/npy"),
     "probe": ("probe", "linear probe accuracy per layer"),
     "plot": ("plot", "render training curves and diagnostics of a run directory"),
-    "lm": ("lm", "build an n-gram language model from a text file"),
+    "lm": ("lm", "build an n-gram language model (ARPA) from a text file"),
 }
 
 
@@ -53,7 +53,7 @@ def _load(module: str):
 def command_parser(name: str, module=None, debug: bool = False) -> argparse.ArgumentParser:
     """The parser of the subcommand ``name`` (``module``: its module, when already imported)."""
     module = module or _load(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"w2v2 {name}", description=module.HELP, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"w2v2 {name}", description=COMMANDS[name][1], formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", default=debug, help="show full tracebacks")
     module.add_arguments(parser)
     return parser

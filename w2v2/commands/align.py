@@ -9,8 +9,6 @@ import tempfile
 from ._shared import (add_model_arguments, add_output_arguments, check_output_arguments, emit, load_cli_model,
                       transcribe_options)
 
-HELP = "word timestamps for a known transcript (CTC forced alignment)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("audio", metavar="AUDIO", help="audio or video file of any length, - for standard input, or an http(s) URL (needs yt-dlp)")

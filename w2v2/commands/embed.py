@@ -33,8 +33,6 @@ from ..fileio import atomic_write_bytes, atomic_write_text
 from ._options import add_shared
 from ._shared import load_cli_model
 
-HELP = "extract representations to safetensors/npy"
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",

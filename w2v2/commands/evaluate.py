@@ -6,7 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-HELP = "WER/CER of a model on a manifest"
 log = logging.getLogger("w2v2.evaluate")
 
 

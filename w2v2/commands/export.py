@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-HELP = "export a checkpoint to Hugging Face format"
 log = logging.getLogger("w2v2.export")
 
 

@@ -12,7 +12,6 @@ from ..finetune import FinetuneConfig, FinetuneTrainConfig, finetune, read_data
 from ..trainer import last_checkpoint
 from ._options import add_fields, add_shared, field_values
 
-HELP = "CTC fine-tuning on transcribed audio"
 log = logging.getLogger("w2v2.finetune")
 
 

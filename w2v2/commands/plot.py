@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "render training curves and diagnostics of a run directory"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")

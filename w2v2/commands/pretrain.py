@@ -12,7 +12,6 @@ from ..pretrain import DataConfig
 from ..trainer import TrainConfig
 from ._options import add_fields, add_shared, field_values
 
-HELP = "self-supervised pretraining on unlabeled audio"
 log = logging.getLogger("w2v2.pretrain")
 
 

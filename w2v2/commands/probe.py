@@ -18,8 +18,6 @@ from ..errors import UserError
 from ._options import add_shared
 from ._shared import load_cli_model
 
-HELP = "linear probe accuracy per layer"
-
 
 def add_arguments(parser) -> None:
     add_shared(parser, "--model")

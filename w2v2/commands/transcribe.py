@@ -13,8 +13,6 @@ from pathlib import Path
 from ._shared import (add_decoding_arguments, add_model_arguments, add_output_arguments, check_output_arguments,
                       emit, failure_line, load_cli_model, transcribe_options)
 
-HELP = "transcribe audio and video files of any length, with word timestamps"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
