@@ -54,3 +54,12 @@ def test_overhead_benchmark_quick_run():
     rows = {r[0]: r[1:] for r in table_rows(out, "transformers") + table_rows(out, "ours")}
     assert set(rows) == {"transformers fp32", "transformers bf16 autocast", "ours fp32", "ours fast"}, out
     assert all(float(r[0]) > 0 and int(r[2]) > 100 for r in rows.values()), out
+
+
+def test_serve_load_quick_run_prints_both_phases(data_dir):
+    pytest.importorskip("fastapi")
+    out = run("benchmarks/serve_load.py", "--quick", "--seconds", "4", "--threads", "1")
+    rows = {r[0]: r for r in table_rows(out, "1 ") + table_rows(out, "2 ")}
+    assert set(rows) == {"1", "2"}, out
+    for r in rows.values():
+        assert int(r[1]) > 0 and r[2] == "0" and float(r[3]) > 0 and r[-1] == "0", out

@@ -9,12 +9,8 @@ transcriber, where timing can be controlled.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,50 +19,28 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import DATA, longest_clip, read_manifest
+from .conftest import read_manifest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from w2v2.serve.process import ServerProcess  # noqa: E402
+
 KEY = "test-key-0123456789"
 
 
-class Server:
-    """``w2v2 serve`` in a subprocess on a free port, its temporary files under ``tmp``."""
+class Server(ServerProcess):
+    """The server with its temporary files under ``tmp`` and no API key from the environment."""
 
     def __init__(self, tmp: Path, *args: str):
-        self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "W2V2_API_KEY": ""}
-        self.proc = subprocess.Popen([sys.executable, "-m", "w2v2", "serve", "--port", "0", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.log: list[str] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise RuntimeError("server exited: " + "".join(self.log))
-            self.log.append(line)
-            if m := re.search(r"running on (http://[\d.]+:\d+)", line):
-                self.url = m.group(1)
-                break
-        else:
-            raise RuntimeError("server did not start: " + "".join(self.log))
-        threading.Thread(target=self._drain, daemon=True).start()
+        self.tmp = tmp
+        super().__init__(*args, env={"TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "W2V2_API_KEY": ""})
 
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def client(self, key: str | None = None, **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "unused", max_retries=0, **kw)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+    def client(self, key: str | None = None) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "unused", max_retries=0)
 
     def leftovers(self) -> list[Path]:
         return [p for p in self.tmp.rglob("*") if p.is_file()]
@@ -210,9 +184,9 @@ def test_a_disconnected_client_frees_its_work_and_sigterm_drains(tmp_path, clips
             quitter.close()  # gone before its turn
             last = pool.submit(send)
             time.sleep(0.5)
-            os.kill(s.proc.pid, signal.SIGTERM)  # in flight: `first` and `last` still get their answers
+            os.kill(s.pid, signal.SIGTERM)  # in flight: `first` and `last` still get their answers
             assert first.result().status_code == 200 and last.result().status_code == 200
-        assert s.proc.wait(60) == 0
+        assert s.proc.wait(60) == 0  # no second signal: uvicorn takes that as "exit now"
         log = "".join(s.log)
         assert "skipped 1 request" in log, log
         with pytest.raises(httpx.ConnectError):
