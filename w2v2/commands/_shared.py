@@ -26,10 +26,12 @@ FIELD_HELP = {
 }
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, help: dict[str, str] | None = None) -> None:
+    """--model, --device, --precision and the chunking flags; ``help`` replaces FIELD_HELP's text
+    where a command gives a field another meaning (the server batches across requests)."""
     g = parser.add_argument_group("model and inference")
     add_shared(g, "--model", "--device", "--precision")
-    add_fields(g, TranscribeOptions, ("batch_size", "chunk_seconds", "stride_seconds"), help=FIELD_HELP)
+    add_fields(g, TranscribeOptions, ("batch_size", "chunk_seconds", "stride_seconds"), help={**FIELD_HELP, **(help or {})})
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:

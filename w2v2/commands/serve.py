@@ -16,7 +16,8 @@ SEGMENT_FIELDS = ("max_segment_chars", "max_segment_seconds", "pause_seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, help={"batch_size": "chunks per forward pass, across the requests of a batch; None: as "
+                                                    "many --chunk-seconds chunks as fit in --max-batch-seconds"})
     add_decoding_arguments(parser)
     add_fields(parser.add_argument_group("segments (verbose_json, srt, vtt)"), TranscribeOptions, SEGMENT_FIELDS,
                help=FIELD_HELP)
@@ -25,18 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="address to listen on; 0.0.0.0 exposes the server to the network (set an --api-key)")
     g.add_argument("--port", type=int, default=8000, help="TCP port")
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV} if set, else none)")
+                   help=f"require 'Authorization: Bearer KEY' on the API; None: ${API_KEY_ENV} if set, else no key")
     g.add_argument("--max-upload-mb", type=float, default=100.0, help="larger uploads are refused with 413")
     g.add_argument("--max-queue", type=int, default=16,
                    help="requests waiting for the model; past it the answer is 429 with Retry-After")
     g.add_argument("--max-batch-seconds", type=float, default=240.0,
-                   help="audio gathered into one batch of requests; the model runs it in padded batches of "
-                        "--batch-size chunks (default for the server: as many --chunk-seconds chunks as fit)")
+                   help="audio gathered into one batch of requests")
     g.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for others to join it")
     g.add_argument("--model-id", default=None,
-                   help="the model name clients send and /v1/models lists (default: --model's name, or "
-                        "w2v2-default)")
+                   help="the model name clients send and /v1/models lists; None: --model's folder name, or "
+                        "w2v2-default")
 
 
 def run(args: argparse.Namespace) -> int:
