@@ -292,6 +292,24 @@ def test_a_damaged_or_incomplete_newest_checkpoint_is_set_aside(run_copy, file, 
     assert_intact(run)
 
 
+@pytest.mark.parametrize("form", ["relative", "absolute"])
+def test_cli_resume_past_a_damaged_checkpoint_is_exact(form, audio, reference, tmp_path, monkeypatch, capsys):
+    """The case as reported: `w2v2 pretrain --out runs/c --resume` with one byte of the newest
+    model.safetensors flipped: it resumes from the previous checkpoint, sets the damaged one
+    aside, exits 0 and ends with the uninterrupted run's weights."""
+    import shutil
+
+    run = tmp_path / "runs" / "c"
+    shutil.copytree(reference[0], run, symlinks=True)
+    damage(run / f"checkpoint_{UPDATES:07d}" / "model.safetensors", "flip")
+    monkeypatch.chdir(tmp_path)
+    out = "runs/c" if form == "relative" else str(run)
+    assert main(["pretrain", str(audio), "--out", out, *PRETRAIN, "--resume"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert (run / f"checkpoint_{UPDATES:07d}.corrupt").is_dir() and not list(run.glob("*.corrupt-*"))
+    assert_same_as_reference(run, reference[0])
+
+
 def test_resume_with_every_checkpoint_damaged_is_a_clear_error(run_copy, tmp_path, capsys):
     run, entries = run_copy
     for ckpt in checkpoint_dirs(run):
@@ -416,11 +434,12 @@ def test_two_runs_in_one_directory_at_once_are_refused(audio, tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-c", holder, str(run)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        with pytest.raises(RunError, match=f"pid@host {proc.pid}@"):
+        with pytest.raises(RunError, match=f"another process \\(pid {proc.pid} on "):
             Trainer(model(), frame_loss, None, config(), run)
         assert main(["pretrain", str(audio), "--out", str(run), *PRETRAIN]) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith(f"w2v2 pretrain: error: {run}: another process is training in this run directory")
+        assert err[-1].startswith(f"w2v2 pretrain: error: {run}: another process (pid {proc.pid} on ")
+        assert err[-1].endswith("is training in this run directory; wait for it to end, or choose another directory")
         assert not checkpoint_dirs(run)
     finally:
         proc.kill()

@@ -6,6 +6,8 @@
       checkpoint_0000100/        model (Hugging Face layout for a Wav2Vec2) + trainer_state.pt
                                  + checksums.json (the SHA-256 of every file in it)
       checkpoint_last -> checkpoint_0000100
+      checkpoint_0000050.corrupt/ a damaged checkpoint, set aside on resume (kept for inspection)
+      .w2v2.lock                 locked (flock) by the process training in the directory
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place, and
 ``checkpoint_last`` is repointed with an atomic rename: a crash leaves the previous checkpoint
@@ -347,10 +349,10 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            pid, _, host = os.read(fd, 200).decode(errors="replace").strip().partition("@")
             os.close(fd)
-            raise RunError(f"{self.path.parent}: another process is training in this run directory "
-                           f"(pid@host {holder}); wait for it to end, or choose another directory") from None
+            raise RunError(f"{self.path.parent}: another process (pid {pid or '?'} on {host or '?'}) is training "
+                           "in this run directory; wait for it to end, or choose another directory") from None
         except OSError as e:  # e.g. a network file system without locks
             log.warning("%s: cannot lock the run directory (%s); make sure no other process trains in it",
                         self.path.parent, e.strerror)
