@@ -166,11 +166,6 @@ def read_model_weights(model: nn.Module, directory: Path) -> dict[str, Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
-def load_model_weights(model: nn.Module, directory: Path) -> None:
-    """Load weights written by :func:`save_model_weights` into ``model`` in place (exactly)."""
-    model.load_state_dict(read_model_weights(model, directory), strict=True)
-
-
 def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Callable[[], dict], keep_last: int = 0,
                      resumed_from: Path | None = None) -> Path:
     """Write ``run_dir/checkpoint_<step>`` atomically (temp dir, checksums, fsync, rename): the
