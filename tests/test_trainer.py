@@ -143,6 +143,11 @@ def test_progress_follows_the_budget_that_stops_the_run(tmp_path, monkeypatch):
                           hooks=[lambda t, row: seen.append((t._bar.n, t._bar.total))])
         assert trainer.train()["step"] == expected
         assert seen == [(n, expected) for n in range(1, expected + 1)], (clock, minutes, seen)
+    seen.clear()
+    cfg = config(max_updates=13000, max_epochs=2, progress=True, save_interval=1000)
+    steps = Trainer(model(), frame_loss, factory(entries), cfg, tmp_path / "epochs",
+                    hooks=[lambda t, row: seen.append((t._bar.n, t._bar.total))]).train()["step"]
+    assert 2 < steps < 100 and seen == [(n, steps) for n in range(1, steps + 1)], seen  # two epochs
 
 
 def test_resume_is_exact(tmp_path):

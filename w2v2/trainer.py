@@ -297,6 +297,7 @@ class Trainer:
         self._iter = None
         self._metrics: MetricLog | None = None
         self._bar = None  # the progress bar while training, on rank 0
+        self._epoch_batches: int | None = None  # this rank's batches in an epoch, once a loader said
         self._lock = RunLock(self.run_dir)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +312,10 @@ class Trainer:
             if self._iter is None:
                 if self.cfg.max_epochs is not None and self.epoch >= self.cfg.max_epochs:
                     raise _Stop
-                self._iter = iter(self.make_loader(self.epoch, self.batches_in_epoch))
+                loader = self.make_loader(self.epoch, self.batches_in_epoch)
+                with contextlib.suppress(TypeError):  # a loader without a length: no epoch-based progress
+                    self._epoch_batches = self.batches_in_epoch + len(loader)
+                self._iter = iter(loader)
             try:
                 batch = next(self._iter)
             except StopIteration:
@@ -627,16 +631,21 @@ class Trainer:
         return max(0.0, 60 * self.cfg.max_minutes - spent)
 
     def _projected_updates(self) -> int | None:
-        """The update the run will stop at: ``max_updates``, or the one a time budget ends it at
-        when that comes first, projected at this invocation's pace; None before there is a pace.
-        The progress bar counts to it, so its ETA is the time the run actually has left."""
+        """The update the run will stop at: ``max_updates``, or the one ``max_epochs`` or a time
+        budget ends it at when that comes first (the time budget's projected at this invocation's
+        pace; None before there is a pace). The progress bar counts to it, so its ETA is the time
+        the run actually has left."""
+        total = self.cfg.max_updates
+        if self.cfg.max_epochs is not None and self._epoch_batches is not None:
+            batches_left = (self.cfg.max_epochs - self.epoch) * self._epoch_batches - self.batches_in_epoch
+            total = min(total, self.step + max(0, batches_left) // self.cfg.accum_steps)
         left = self._seconds_left()
         if left is None:
-            return self.cfg.max_updates
+            return total
         done, seconds = self.step - self._first_step, time.monotonic() - self._started
         if done <= 0 or seconds <= 0:
             return None
-        return min(self.cfg.max_updates, self.step + int(left * done / seconds))
+        return min(total, self.step + int(left * done / seconds))
 
     def _progress_bar(self):
         if not (self.cfg.progress and self.info.is_main):
