@@ -371,6 +371,16 @@ def test_a_run_directory_with_foreign_files_keeps_them(run_copy):
     assert (run / "checkpoint_old").is_dir() and (run / "checkpoint_0000003").is_symlink()
 
 
+@pytest.mark.parametrize("out", ["a_file", "a_file/run"])
+def test_a_run_directory_that_cannot_be_one_is_one_error(out, audio, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("a_file").write_text("not a directory")
+    assert main(["pretrain", str(audio), "--out", out, *PRETRAIN]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"w2v2 pretrain: error: {out}: cannot be the run directory ("), err[-1]
+    assert Path("a_file").read_text() == "not a directory"
+
+
 def test_stale_temporaries_of_killed_runs_go_and_a_running_writers_stay(tmp_path):
     """A run directory's start-up removes what killed processes left (an atomic write's temporary
     named after a dead process, temporary checkpoint directories and links), but not the

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from .config import DEVICE_HELP, PROGRESS_HELP, option
 from .fileio import atomic_open
-from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, RunLock, checkpoint_dirs,  # noqa: F401
+from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, RunError, RunLock, checkpoint_dirs,  # noqa: F401
                    last_checkpoint, read_checkpoint, read_metrics, remove_stale_entries, rng_state,
                    seed_everything, set_aside, set_rng_state, write_checkpoint)
 
@@ -300,7 +300,10 @@ class Trainer:
         self._epoch_batches: int | None = None  # this rank's batches in an epoch, once a loader said
         self._lock = RunLock(self.run_dir)
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file of that name, a parent that is a file, no permission
+                raise RunError(f"{run_dir}: cannot be the run directory ({e.strerror})") from e
             self._lock.acquire()  # before anything is written or cleaned up in the run directory
             weakref.finalize(self, self._lock.release)
             remove_stale_entries(self.run_dir)
