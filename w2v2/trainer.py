@@ -24,7 +24,9 @@ The run directory (``train_config.json``, ``metrics.jsonl``/``.csv`` with one ro
 and ``checksums.json``, the SHA-256 of both -- and the ``checkpoint_last`` link) is
 :mod:`w2v2.runs`. A checkpoint is written in a temporary directory and renamed into place, so a
 crash never leaves a partial one; a damaged one (disk error, truncation) is detected on resume
-and the previous one used instead (:meth:`Trainer.resume_latest`). Launched by ``torchrun``, the
+and the previous one used instead (:meth:`Trainer.resume_latest`). Rank 0 holds the run
+directory's lock (:class:`w2v2.runs.RunLock`) from construction to the end of training, and on
+taking it removes what killed runs left there. Launched by ``torchrun``, the
 trainer joins the process group (gloo on CPU, nccl on GPU), wraps the model in
 DistributedDataParallel and lets rank 0 alone write.
 """
