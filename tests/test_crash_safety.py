@@ -405,9 +405,13 @@ def test_stale_temporaries_of_killed_runs_go_and_a_running_writers_stay(tmp_path
         (run / ".checkpoint_0000002.4242.tmp" / "model.safetensors").write_bytes(b"half")
         (run / ".checkpoint_0000001.deleting-4242").mkdir()
         os.symlink("checkpoint_0000002", run / ".checkpoint_last.4242.tmp")
+        (run / ".best.4242.tmp").mkdir()
+        (run / ".best.old").mkdir()  # killed between best/'s two renames: the previous best model
+        (run / ".best.old" / "best.json").write_text("{}")
         Trainer(model(), frame_loss, None, config(), run)
         left = sorted(p.name for p in run.iterdir())
-        assert left == sorted([LOCK_FILE, live_tmp]), left
+        assert left == sorted([LOCK_FILE, live_tmp, "best"]), left
+        assert (run / "best" / "best.json").read_text() == "{}"
         assert stale_tmp not in left
     finally:
         for proc in procs:
