@@ -8,6 +8,7 @@ final weights and optimizer state must be bit-identical to it (``torch.equal``).
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import logging
 import os
@@ -488,6 +489,62 @@ def test_disk_full_during_a_checkpoint_save_is_one_error_and_keeps_the_earlier_o
     monkeypatch.setattr(runs, "write_checksums", real)
     resume_to_the_end(audio, run)  # space again: the run goes on from checkpoint_0000002
     assert last_checkpoint(run).name == f"checkpoint_{UPDATES:07d}"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs of a given size (needs the right to mount: skipped where there is none)."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / "small"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_really_full_file_system_during_a_save_keeps_the_run_resumable(trained, small_filesystem, tmp_path):
+    """A file system with room for two and a half checkpoints: the third save fails with ENOSPC
+    for real; the error names that checkpoint, its temporary is gone, the two before are intact,
+    and the run resumes from them elsewhere."""
+    import shutil
+
+    run, entries = trained
+    size = sum(f.stat().st_size for f in last_checkpoint(run).iterdir())
+    disk = small_filesystem(size * 5 // 2 + 64 * 1024)  # + metric files and directory blocks
+    full = disk / "run"
+    with pytest.raises(RunError, match=r"cannot save the checkpoint \(No space left on device\)") as info:
+        Trainer(model(), frame_loss, factory(entries), config(save_interval=1, keep_last=0), full).train()
+    kept = checkpoint_dirs(full)
+    assert len(kept) == 2 and str(info.value).startswith(f"{full / 'checkpoint_0000003'}: ")
+    assert_intact(full)
+    assert [p.name for p in full.iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # the temporary is gone
+    shutil.copytree(full, tmp_path / "moved", symlinks=True)
+    result = Trainer(model(), frame_loss, factory(entries), config(), tmp_path / "moved").train(resume=True)
+    assert result["step"] == 6
+
+
+def test_a_full_file_system_at_the_start_is_one_error(small_filesystem, trained):
+    """No room for even the run's first file: a RunError naming the place (the CLI's one line),
+    the run lock taken all the same (it needs no room), nothing written as if complete."""
+    disk = small_filesystem(256 * 1024)
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:  # its close fails too
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+    run = disk / "run"
+    with pytest.raises(RunError, match=r"cannot write \(No space left on device\)") as info:
+        Trainer(model(), frame_loss, factory(trained[1]), config(), run).train()
+    assert str(run) in str(info.value) and "\n" not in str(info.value)
+    assert not checkpoint_dirs(run) and not (run / "train_config.json").exists()
 
 
 def test_disk_full_while_writing_metrics_is_one_error_naming_the_file(tmp_path, monkeypatch):

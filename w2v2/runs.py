@@ -182,8 +182,7 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Callable
         tmp = temporary_dir(final)
         try:
             save_model_weights(model, tmp)
-            with atomic_open(tmp / STATE_FILE, "wb") as f:
-                torch.save(state(), f)
+            _save_state(state(), tmp / STATE_FILE)
             write_checksums(tmp)
             _fsync_tree(tmp)
             if final.exists():  # left by another run in this directory
@@ -202,6 +201,16 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Callable
             _remove_dir(old)
     log.info("saved %s", final)
     return final
+
+
+def _save_state(state: dict, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch's zip writer replaces a failed write's OSError (disk full) by its own
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from e
+            raise
 
 
 def temporary_dir(final: Path) -> Path:
@@ -353,8 +362,9 @@ class RunLock:
                         self.path.parent, e.strerror)
             os.close(fd)
             return None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+        with contextlib.suppress(OSError):  # who holds it is for messages only (a full disk has no room)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
         return fd
 
 

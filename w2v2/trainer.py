@@ -561,9 +561,12 @@ class Trainer:
             if ckpt is None:
                 log.info("no checkpoint in %s: starting from scratch", self.run_dir)
         if self.info.is_main:
-            with atomic_open(self.run_dir / "train_config.json") as f:
-                json.dump(self.cfg.to_dict(), f, indent=2)
-            self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
+            try:
+                with atomic_open(self.run_dir / "train_config.json") as f:
+                    json.dump(self.cfg.to_dict(), f, indent=2)
+                self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
+            except OSError as e:  # disk full, no permission: before any update
+                raise RunError(f"{e.filename or self.run_dir}: cannot write ({e.strerror or e})") from e
         self._started, self._first_step = time.monotonic(), self.step
         bar = self._bar = self._progress_bar()
         stopped_early = False
