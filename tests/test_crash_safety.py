@@ -8,6 +8,8 @@ final weights and optimizer state must be bit-identical to it (``torch.equal``).
 from __future__ import annotations
 
 import ast
+import contextlib
+import errno
 import logging
 import os
 import random
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 from w2v2 import data
 from w2v2.checkpoint import CheckpointError
 from w2v2.cli import main
+from w2v2.runs import LOCK_FILE, RunError, RunLock
 from w2v2.trainer import STATE_FILE, Trainer, checkpoint_dirs, last_checkpoint, read_checkpoint, read_metrics
 
 from .helpers import write_clips
@@ -96,7 +99,7 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
     rows, ref_rows = read_metrics(run), read_metrics(reference)
     assert [r["update"] for r in rows] == list(range(1, UPDATES + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # temporaries cleaned up
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]  # no temporaries
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_cleanly(audio, tmp_path):
@@ -160,18 +163,25 @@ CRASHES = {
     "while_deleting_old": ("_remove_dir", "def crash(d):\n    doomed = d.with_name('.' + d.name + '.deleting-1')\n"
                                           "    os.replace(d, doomed)\n    os.remove(doomed / 'config.json')\n"
                                           "    os._exit(137)"),
+    # half of the trainer state written into the temporary directory
+    "while_writing_the_state": ("torch.save", "def crash(obj, f):\n    f.write(b'half a state')\n    os._exit(137)"),
+    # the new checkpoint_last link made under its temporary name, not yet renamed over the old one
+    "inside_repointing_last": ("os.symlink", "def crash(src, dst):\n    _real(src, dst)\n    os._exit(137)"),
 }
 
 
 @pytest.mark.parametrize("where", [pytest.param("inside_save"),
                                    pytest.param("before_repointing_last", marks=pytest.mark.slow),
-                                   pytest.param("while_deleting_old", marks=pytest.mark.slow)])
+                                   pytest.param("while_deleting_old", marks=pytest.mark.slow),
+                                   pytest.param("while_writing_the_state", marks=pytest.mark.slow),
+                                   pytest.param("inside_repointing_last", marks=pytest.mark.slow)])
 def test_crash_at_each_step_of_a_save_then_resume_is_exact(where, audio, reference, tmp_path):
     name, body = CRASHES[where]
     calls = 3 if name != "_remove_dir" else 1  # the third save (the first deletion) crashes
-    inject = (f"import os\nimport w2v2.runs as t\n{body}\n_real, _n = t.{name}, [0]\n"
+    target = name if "." in name else f"t.{name}"
+    inject = (f"import os\nimport torch\nimport w2v2.runs as t\n_real, _n = {target}, [0]\n{body}\n"
               f"def patched(*a, **k):\n    _n[0] += 1\n    return crash(*a, **k) if _n[0] == {calls} else _real(*a, **k)\n"
-              f"t.{name} = patched")
+              f"{target} = patched")
     proc = pretrain_process(audio, tmp_path / "run", resume=False, inject=inject)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 137, err
@@ -220,8 +230,9 @@ def test_checkpoint_holds_safetensors_weights_and_checksums(trained):
 
 @pytest.mark.parametrize("file,how", [("model.safetensors", "truncate"), ("model.safetensors", "flip"),
                                       ("model.safetensors", "delete"), (STATE_FILE, "truncate"),
-                                      (STATE_FILE, "flip"), (STATE_FILE, "garbage"), ("checksums.json", "garbage"),
-                                      ("config.json", "garbage")])
+                                      (STATE_FILE, "flip"), (STATE_FILE, "garbage"), (STATE_FILE, "delete"),
+                                      ("checksums.json", "garbage"), ("checksums.json", "delete"),
+                                      ("config.json", "garbage"), ("config.json", "delete")])
 def test_damaged_checkpoint_file_is_named_in_the_error(run_copy, file, how):
     run, entries = run_copy
     ckpt = run / "checkpoint_0000006"
@@ -254,6 +265,52 @@ def test_resume_falls_back_to_the_previous_intact_checkpoint(run_copy, tmp_path,
         assert torch.equal(a, b), name
 
 
+DAMAGES = [("model.safetensors", "flip"), (STATE_FILE, "flip"), ("config.json", "garbage"),
+           ("checksums.json", "garbage"), (STATE_FILE, "delete"), ("checksums.json", "delete"),
+           ("config.json", "delete"), ("preprocessor_config.json", "delete")]
+
+
+@pytest.mark.parametrize("form", ["relative", "absolute"])
+@pytest.mark.parametrize("file,how", DAMAGES)
+def test_a_damaged_or_incomplete_newest_checkpoint_is_set_aside(run_copy, file, how, form, monkeypatch, caplog):
+    """Whatever file is damaged or missing, and whether the run directory is given relative or
+    absolute (once two paths to one checkpoint, moved twice: "[Errno 2] ... -> .corrupt-..."),
+    --resume names it, sets it aside, resumes from the one before and leaves checkpoint_last
+    naming an intact checkpoint."""
+    run, entries = run_copy
+    damage(run / "checkpoint_0000006" / file, how)
+    monkeypatch.chdir(run.parent)
+    given = Path(run.name) if form == "relative" else run
+    with caplog.at_level(logging.WARNING, logger="w2v2.trainer"):
+        result = Trainer(model(seed=99), frame_loss, factory(entries), config(), given).train(resume=True)
+    assert f"checkpoint_0000006/{file}" in caplog.text
+    assert "resumed from the earlier checkpoint_0000004" in caplog.text
+    aside = run / "checkpoint_0000006.corrupt"
+    assert aside.is_dir() and not (aside / file).exists() if how == "delete" else aside.is_dir()
+    assert not list(run.glob("*.corrupt-*"))  # set aside once, not once per path spelling
+    assert result["step"] == 6
+    assert last_checkpoint(run) == run / "checkpoint_0000006" and (run / "checkpoint_last").resolve().is_dir()
+    assert_intact(run)
+
+
+@pytest.mark.parametrize("form", ["relative", "absolute"])
+def test_cli_resume_past_a_damaged_checkpoint_is_exact(form, audio, reference, tmp_path, monkeypatch, capsys):
+    """The case as reported: `w2v2 pretrain --out runs/c --resume` with one byte of the newest
+    model.safetensors flipped: it resumes from the previous checkpoint, sets the damaged one
+    aside, exits 0 and ends with the uninterrupted run's weights."""
+    import shutil
+
+    run = tmp_path / "runs" / "c"
+    shutil.copytree(reference[0], run, symlinks=True)
+    damage(run / f"checkpoint_{UPDATES:07d}" / "model.safetensors", "flip")
+    monkeypatch.chdir(tmp_path)
+    out = "runs/c" if form == "relative" else str(run)
+    assert main(["pretrain", str(audio), "--out", out, *PRETRAIN, "--resume"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert (run / f"checkpoint_{UPDATES:07d}.corrupt").is_dir() and not list(run.glob("*.corrupt-*"))
+    assert_same_as_reference(run, reference[0])
+
+
 def test_resume_with_every_checkpoint_damaged_is_a_clear_error(run_copy, tmp_path, capsys):
     run, entries = run_copy
     for ckpt in checkpoint_dirs(run):
@@ -276,6 +333,242 @@ def test_cli_resume_from_damaged_run_is_one_error(audio, reference, tmp_path, ca
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"w2v2 pretrain: error: {run}: no intact checkpoint")
+
+
+def test_checkpoint_last_pointing_outside_the_run_is_not_followed(run_copy, tmp_path, caplog):
+    """A checkpoint_last naming a directory elsewhere (another run's checkpoint, damaged here) is
+    neither used nor touched: the run resumes from its own newest checkpoint."""
+    import shutil
+
+    run, entries = run_copy
+    elsewhere = tmp_path / "elsewhere" / "checkpoint_0000009"
+    shutil.copytree(run / "checkpoint_0000006", elsewhere)
+    damage(elsewhere / STATE_FILE, "truncate")
+    (run / "checkpoint_last").unlink()
+    (run / "checkpoint_last").symlink_to(elsewhere)
+    with caplog.at_level(logging.WARNING, logger="w2v2.runs"):
+        assert last_checkpoint(run) == run / "checkpoint_0000006"
+        trainer = Trainer(model(), frame_loss, factory(entries), config(), run)
+        assert trainer.resume_latest() == run / "checkpoint_0000006"
+    assert f"names {elsewhere}, which is no checkpoint directory of this run: not followed" in caplog.text
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["checkpoint_0000009"]  # not set aside
+
+
+def test_a_run_directory_with_foreign_files_keeps_them(run_copy):
+    """Files a user (or another tool) put in the run directory are neither checkpoints nor
+    temporaries: resuming and keep_last leave them alone."""
+    run, entries = run_copy
+    foreign = {".gitignore": "x", "notes.txt": "x", "checkpoint_notes.txt": "x", "checkpoint_0000001": "a file",
+               ".checkpoints.md": "x"}
+    for name, text in foreign.items():
+        (run / name).write_text(text)
+    (run / "checkpoint_old").mkdir()
+    (run / "checkpoint_0000003").symlink_to(run / "checkpoint_old")
+    Trainer(model(), frame_loss, factory(entries), config(max_updates=8, save_interval=1, keep_last=1),
+            run).train(resume=True)
+    assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint_0000008"]
+    for name, text in foreign.items():
+        assert (run / name).read_text() == text
+    assert (run / "checkpoint_old").is_dir() and (run / "checkpoint_0000003").is_symlink()
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/run"])
+def test_a_run_directory_that_cannot_be_one_is_one_error(out, audio, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("a_file").write_text("not a directory")
+    assert main(["pretrain", str(audio), "--out", out, *PRETRAIN]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"w2v2 pretrain: error: {out}: cannot be the run directory ("), err[-1]
+    assert Path("a_file").read_text() == "not a directory"
+
+
+def test_stale_temporaries_of_killed_runs_go_and_a_running_writers_stay(tmp_path):
+    """A run directory's start-up removes what killed processes left (an atomic write's temporary
+    named after a dead process, temporary checkpoint directories and links), but not the
+    temporary of a writer still running (another process writing a file there), whose name
+    carries its live process id."""
+    run = tmp_path / "run"
+    run.mkdir()
+    writer = ("import sys, time\nfrom w2v2.fileio import atomic_open\n"
+              "with atomic_open(sys.argv[1]) as f:\n    print('ready', flush=True)\n    time.sleep(120)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(run / name)], env=ENV, stdout=subprocess.PIPE,
+                              text=True) for name in ("pretrain_config.json", "plot.json")]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        killed, running = procs
+        killed.kill()
+        killed.wait()
+        temporaries = sorted(p.name for p in run.iterdir())
+        stale_tmp = next(n for n in temporaries if n.startswith(".pretrain_config.json."))
+        live_tmp = next(n for n in temporaries if n.startswith(".plot.json."))
+        (run / ".checkpoint_0000002.4242.tmp").mkdir()
+        (run / ".checkpoint_0000002.4242.tmp" / "model.safetensors").write_bytes(b"half")
+        (run / ".checkpoint_0000001.deleting-4242").mkdir()
+        os.symlink("checkpoint_0000002", run / ".checkpoint_last.4242.tmp")
+        (run / ".best.4242.tmp").mkdir()
+        (run / ".best.old").mkdir()  # killed between best/'s two renames: the previous best model
+        (run / ".best.old" / "best.json").write_text("{}")
+        Trainer(model(), frame_loss, None, config(), run)
+        left = sorted(p.name for p in run.iterdir())
+        assert left == sorted([LOCK_FILE, live_tmp, "best"]), left
+        assert (run / "best" / "best.json").read_text() == "{}"
+        assert stale_tmp not in left
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_checkpoints_respect_the_umask(tmp_path):
+    """Checkpoint directories and their files get the permissions the umask allows, like any
+    file the user makes (a checkpoint directory was once 0700 whatever the umask). In a child
+    process each: a process reads its umask once."""
+    code = ("import sys\nfrom pathlib import Path\n"
+            "from tests.test_trainer import clips, config, factory, frame_loss, model\n"
+            "from w2v2.trainer import Trainer\ntmp = Path(sys.argv[1])\n"
+            "Trainer(model(), frame_loss, factory(clips(tmp, 2)), config(max_updates=1), tmp / 'run').train()\n")
+    for umask in (0o022, 0o077):
+        tmp = tmp_path / f"{umask:o}"
+        subprocess.run([sys.executable, "-c", code, str(tmp)], env=ENV, cwd=ROOT, check=True,
+                       preexec_fn=lambda: os.umask(umask))
+        ckpt = last_checkpoint(tmp / "run")
+        assert ckpt.stat().st_mode & 0o777 == 0o777 & ~umask
+        for f in ckpt.iterdir():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_two_runs_in_one_directory_at_once_are_refused(audio, tmp_path, capsys):
+    """A second process training in a run directory would interleave checkpoints and metric
+    rows: refused with one line naming the directory and the process holding it. The lock
+    dies with its holder (kill -9 included), so it never needs cleaning up."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = ("import sys, time\nfrom w2v2.runs import RunLock\nRunLock(sys.argv[1]).acquire()\n"
+              "print('ready', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(run)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(RunError, match=f"another process \\(pid {proc.pid} on "):
+            Trainer(model(), frame_loss, None, config(), run)
+        assert main(["pretrain", str(audio), "--out", str(run), *PRETRAIN]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"w2v2 pretrain: error: {run}: another process (pid {proc.pid} on ")
+        assert err[-1].endswith("is training in this run directory; wait for it to end, or choose another directory")
+        assert not checkpoint_dirs(run)
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = RunLock(run)
+    lock.acquire()  # free again
+    lock.release()
+
+
+def test_disk_full_during_a_checkpoint_save_is_one_error_and_keeps_the_earlier_ones(audio, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import w2v2.runs as runs
+
+    real, calls = runs.write_checksums, [0]
+
+    def full(directory):
+        calls[0] += 1
+        if calls[0] == 3:
+            (Path(directory) / "filler").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "filler"))
+        return real(directory)
+
+    monkeypatch.setattr(runs, "write_checksums", full)
+    run = tmp_path / "run"
+    assert main(["pretrain", str(audio), "--out", str(run), *PRETRAIN, "--keep-last", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"w2v2 pretrain: error: {run / 'checkpoint_0000003'}: cannot save the checkpoint "
+                       "(No space left on device); the earlier checkpoints are intact"), err[-1]
+    assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint_0000001", "checkpoint_0000002"]
+    assert_intact(run)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
+    monkeypatch.setattr(runs, "write_checksums", real)
+    resume_to_the_end(audio, run)  # space again: the run goes on from checkpoint_0000002
+    assert last_checkpoint(run).name == f"checkpoint_{UPDATES:07d}"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs of a given size (needs the right to mount: skipped where there is none)."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / "small"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_really_full_file_system_during_a_save_keeps_the_run_resumable(trained, small_filesystem, tmp_path):
+    """A file system with room for two and a half checkpoints: the third save fails with ENOSPC
+    for real; the error names that checkpoint, its temporary is gone, the two before are intact,
+    and the run resumes from them elsewhere."""
+    import shutil
+
+    run, entries = trained
+    size = sum(f.stat().st_size for f in last_checkpoint(run).iterdir())
+    disk = small_filesystem(size * 5 // 2 + 64 * 1024)  # + metric files and directory blocks
+    full = disk / "run"
+    with pytest.raises(RunError, match=r"cannot save the checkpoint \(No space left on device\)") as info:
+        Trainer(model(), frame_loss, factory(entries), config(save_interval=1, keep_last=0), full).train()
+    kept = checkpoint_dirs(full)
+    assert len(kept) == 2 and str(info.value).startswith(f"{full / 'checkpoint_0000003'}: ")
+    assert_intact(full)
+    assert [p.name for p in full.iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # the temporary is gone
+    shutil.copytree(full, tmp_path / "moved", symlinks=True)
+    result = Trainer(model(), frame_loss, factory(entries), config(), tmp_path / "moved").train(resume=True)
+    assert result["step"] == 6
+
+
+def test_a_full_file_system_at_the_start_is_one_error(small_filesystem, trained):
+    """No room for even the run's first file: a RunError naming the place (the CLI's one line),
+    the run lock taken all the same (it needs no room), nothing written as if complete."""
+    disk = small_filesystem(256 * 1024)
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:  # its close fails too
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+    run = disk / "run"
+    with pytest.raises(RunError, match=r"cannot write \(No space left on device\)") as info:
+        Trainer(model(), frame_loss, factory(trained[1]), config(), run).train()
+    assert str(run) in str(info.value) and "\n" not in str(info.value)
+    assert not checkpoint_dirs(run) and not (run / "train_config.json").exists()
+
+
+def test_disk_full_while_writing_metrics_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    import builtins
+
+    import w2v2.runs as runs
+
+    real_open, calls = builtins.open, [0]
+
+    def full(path, mode="r", *a, **k):
+        if mode == "a" and str(path).endswith("metrics.jsonl"):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(runs, "open", full, raising=False)  # the metric log's open, nobody else's
+    entries = clips(tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=r"metrics.jsonl: cannot write the metrics \(No space left on device\)"):
+        Trainer(model(), frame_loss, factory(entries), config(save_interval=2), run).train()
+    assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint_0000002"]
+    monkeypatch.undo()
+    assert Trainer(model(), frame_loss, factory(entries), config(), run).train(resume=True)["step"] == 6
 
 
 def test_resume_with_another_architecture_says_so(run_copy):

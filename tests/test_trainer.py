@@ -15,6 +15,7 @@ import w2v2
 from w2v2 import data
 from w2v2.config import tiny
 from w2v2.modules import lengths_to_mask
+from w2v2.runs import LOCK_FILE, checkpoint_name, checkpoint_step
 from w2v2.trainer import (STATE_FILE, TrainConfig, Trainer, checkpoint_dirs, get_lr, last_checkpoint,
                           read_metrics)
 
@@ -118,6 +119,37 @@ def test_time_clock_schedule_spreads_over_the_budget_and_survives_resume(tmp_pat
         config(schedule_clock="time")
 
 
+def test_progress_follows_the_budget_that_stops_the_run(tmp_path, monkeypatch):
+    """With a time budget the bar counts to the update the clock will stop the run at (projected
+    from the pace so far), not to max_updates: --schedule-clock time --max-minutes 1.5 once
+    showed 13000 updates and a 17-hour ETA for a run of 90 seconds. Pretraining and
+    fine-tuning share this trainer."""
+    import w2v2.trainer as trainer_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(trainer_mod.time, "monotonic", lambda: now[0])
+
+    def slow_loss(m, batch):  # every update takes 6 "seconds": 15 fit in 1.5 minutes
+        now[0] += 6.0
+        return frame_loss(m, batch)
+
+    seen = []
+    entries = clips(tmp_path)
+    for clock, minutes, expected in (("time", 1.5, 15), ("updates", 1.5, 15), ("updates", None, 20)):
+        seen.clear()
+        cfg = config(max_updates=20 if minutes is None else 13000, max_minutes=minutes, schedule_clock=clock,
+                     progress=True, save_interval=1000)
+        trainer = Trainer(model(), slow_loss, factory(entries), cfg, tmp_path / f"{clock}{minutes}",
+                          hooks=[lambda t, row: seen.append((t._bar.n, t._bar.total))])
+        assert trainer.train()["step"] == expected
+        assert seen == [(n, expected) for n in range(1, expected + 1)], (clock, minutes, seen)
+    seen.clear()
+    cfg = config(max_updates=13000, max_epochs=2, progress=True, save_interval=1000)
+    steps = Trainer(model(), frame_loss, factory(entries), cfg, tmp_path / "epochs",
+                    hooks=[lambda t, row: seen.append((t._bar.n, t._bar.total))]).train()["step"]
+    assert 2 < steps < 100 and seen == [(n, steps) for n in range(1, steps + 1)], seen  # two epochs
+
+
 def test_resume_is_exact(tmp_path):
     """6 updates straight == 3, interrupted by SIGINT, + resume + 3: identical weights."""
     entries = clips(tmp_path)
@@ -143,6 +175,25 @@ def test_resume_is_exact(tmp_path):
     assert (tmp_path / "b" / "metrics.csv").read_text().count("\n") == 7  # header + 6 rows
 
 
+def test_resume_with_changed_options_says_which(tmp_path, caplog):
+    """Options that change the course of training (learning rate, schedule length, seed, ...) may
+    change on resume, with a warning naming them; bookkeeping options (keep_last, ...) silently."""
+    import logging
+
+    entries = clips(tmp_path)
+    Trainer(model(), frame_loss, factory(entries), config(max_updates=2), tmp_path / "run").train()
+    with caplog.at_level(logging.WARNING, logger="w2v2.trainer"):
+        Trainer(model(), frame_loss, factory(entries), config(max_updates=2, keep_last=5, log_interval=7),
+                tmp_path / "run").train(resume=True)
+        assert "options" not in caplog.text
+        Trainer(model(), frame_loss, factory(entries), config(max_updates=4, lr=2e-3, betas=(0.9, 0.99)),
+                tmp_path / "run").train(resume=True)
+    warning = caplog.text.strip().splitlines()[-1]
+    assert "resuming checkpoint_0000002 with other training options" in warning
+    assert "lr 0.001 -> 0.002" in warning and "max_updates 2 -> 4" in warning and "betas" in warning
+    assert "keep_last" not in warning and "log_interval" not in warning
+
+
 def test_checkpoints_layout_and_keep_last(tmp_path):
     entries = clips(tmp_path)
     m = model()
@@ -156,7 +207,28 @@ def test_checkpoints_layout_and_keep_last(tmp_path):
         assert torch.equal(a, b), name
     state = torch.load(last / STATE_FILE, weights_only=True)
     assert state["step"] == 6 and "optimizer" in state and "rng" in state
-    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp leftovers
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # no temporaries
+
+
+def test_checkpoint_names_order_by_update_number_everywhere(tmp_path):
+    """One naming rule, numeric order: past 9999999 updates a name has 8 digits and sorts before
+    shorter ones as text; the run, its checkpoint_last fallback and load_model's choice of the
+    newest checkpoint all go by the number."""
+    from w2v2.checkpoint import _run_dir_model
+
+    assert checkpoint_name(100) == "checkpoint_0000100" and checkpoint_step("checkpoint_0000100") == 100
+    assert checkpoint_step("checkpoint_10000000") == 10_000_000
+    for other in ("checkpoint_last", "checkpoint_12.corrupt", "checkpoint_²", "checkpoint_", "best"):
+        assert checkpoint_step(other) is None, other
+    run = tmp_path / "run"
+    for step in (9_999_999, 10_000_000, 5):
+        (run / checkpoint_name(step)).mkdir(parents=True)
+        (run / checkpoint_name(step) / "config.json").write_text("{}")
+    (run / "checkpoint_²").mkdir()  # a digit to str.isdigit, not to int()
+    assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint_0000005", "checkpoint_9999999",
+                                                      "checkpoint_10000000"]
+    assert last_checkpoint(run) == run / "checkpoint_10000000"
+    assert _run_dir_model(run) == run / "checkpoint_10000000"
 
 
 # ---------------------------------------------------------------------------- non-finite safety

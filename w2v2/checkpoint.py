@@ -133,7 +133,9 @@ def _run_dir_model(path: Path) -> Path:
     for name in RUN_DIR_MODELS:
         if (path / name / "config.json").exists():
             return (path / name).resolve()
-    numbered = sorted(p for p in path.glob("checkpoint_[0-9]*") if (p / "config.json").exists())
+    from .runs import checkpoint_dirs  # the one place that knows checkpoint names and their order
+
+    numbered = [p for p in checkpoint_dirs(path) if (p / "config.json").exists()]
     return numbered[-1] if numbered else path
 
 

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from .fileio import atomic_open
 from .losses import ctc_loss
 from .masking import compute_channel_mask, compute_mask_indices
 from .model import Wav2Vec2, build_model
+from .runs import temporary_dir
 from .text import normalize_text
 from .trainer import TrainConfig, Trainer, dist_info
 from .vocab import Vocabulary
@@ -395,7 +395,7 @@ class Validator:
 
 def save_best(model: Wav2Vec2, directory: Path, step: int, v: Validation) -> None:
     """Replace ``directory`` with the model in Hugging Face layout (written aside, then renamed)."""
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    tmp = temporary_dir(directory)
     try:
         save_pretrained(model, tmp)
         (tmp / "best.json").write_text(json.dumps({"update": step, "valid_wer": v.wer, "valid_cer": v.cer,

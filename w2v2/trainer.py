@@ -24,7 +24,9 @@ The run directory (``train_config.json``, ``metrics.jsonl``/``.csv`` with one ro
 and ``checksums.json``, the SHA-256 of both -- and the ``checkpoint_last`` link) is
 :mod:`w2v2.runs`. A checkpoint is written in a temporary directory and renamed into place, so a
 crash never leaves a partial one; a damaged one (disk error, truncation) is detected on resume
-and the previous one used instead (:meth:`Trainer.resume_latest`). Launched by ``torchrun``, the
+and the previous one used instead (:meth:`Trainer.resume_latest`). Rank 0 holds the run
+directory's lock (:class:`w2v2.runs.RunLock`) from construction to the end of training, and on
+taking it removes what killed runs left there. Launched by ``torchrun``, the
 trainer joins the process group (gloo on CPU, nccl on GPU), wraps the model in
 DistributedDataParallel and lets rank 0 alone write.
 """
@@ -37,9 +39,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +52,16 @@ from torch import Tensor, nn
 
 from .config import DEVICE_HELP, PROGRESS_HELP, option
 from .fileio import atomic_open
-from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, checkpoint_dirs, last_checkpoint,  # noqa: F401
-                   read_checkpoint, read_metrics, rng_state, seed_everything, set_rng_state, write_checkpoint)
+from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, RunError, RunLock, checkpoint_dirs,  # noqa: F401
+                   last_checkpoint, read_checkpoint, read_metrics, remove_stale_entries, rng_state,
+                   seed_everything, set_aside, set_rng_state, write_checkpoint)
 
 log = logging.getLogger(__name__)
+
+# Options that say how a run is watched, saved or bounded in this invocation: changed on resume,
+# training still follows the course it would have followed uninterrupted.
+_BOOKKEEPING = frozenset({"max_epochs", "max_minutes", "log_interval", "save_interval", "keep_last", "device",
+                          "progress", "tensorboard", "find_unused_parameters", "max_consecutive_skips", "sample_rate"})
 
 LossFn = Callable[[nn.Module, object], tuple[Tensor, "int | float | Tensor", dict]]
 LoaderFactory = Callable[[int, int], Iterable]
@@ -255,7 +263,8 @@ class Trainer:
     def __init__(self, model: nn.Module, loss_fn: LossFn, make_loader: LoaderFactory, cfg: TrainConfig,
                  run_dir: str | os.PathLike, *, hooks: Iterable[Callable] = (), extra_state: dict | None = None):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        # resolved once: every checkpoint path derives from it, so one checkpoint has one path
+        self.run_dir = Path(run_dir).resolve()
         self.device = resolve_device(cfg.device)
         self.info = init_distributed(self.device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
@@ -284,12 +293,22 @@ class Trainer:
         self._stop_local = False  # this rank wants to stop (signal, time limit)
         self._stop_agreed = False  # every rank stops after this update
         self._started = time.monotonic()
+        self._first_step = 0  # self.step when this invocation's training began (its pace: progress bar)
         self._seconds_before = 0.0  # training time of the run's earlier invocations (from the checkpoint)
         self._resumed_from: Path | None = None
         self._iter = None
         self._metrics: MetricLog | None = None
+        self._bar = None  # the progress bar while training, on rank 0
+        self._epoch_batches: int | None = None  # this rank's batches in an epoch, once a loader said
+        self._lock = RunLock(self.run_dir)
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file of that name, a parent that is a file, no permission
+                raise RunError(f"{run_dir}: cannot be the run directory ({e.strerror})") from e
+            self._lock.acquire()  # before anything is written or cleaned up in the run directory
+            weakref.finalize(self, self._lock.release)
+            remove_stale_entries(self.run_dir)
 
     # ------------------------------------------------------------------ data
     def _next_batch(self):
@@ -298,7 +317,10 @@ class Trainer:
             if self._iter is None:
                 if self.cfg.max_epochs is not None and self.epoch >= self.cfg.max_epochs:
                     raise _Stop
-                self._iter = iter(self.make_loader(self.epoch, self.batches_in_epoch))
+                loader = self.make_loader(self.epoch, self.batches_in_epoch)
+                with contextlib.suppress(TypeError):  # a loader without a length: no epoch-based progress
+                    self._epoch_batches = self.batches_in_epoch + len(loader)
+                self._iter = iter(loader)
             try:
                 batch = next(self._iter)
             except StopIteration:
@@ -424,7 +446,7 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore weights, optimizer, scaler, RNG states and data position (every rank).
         A missing, truncated or corrupted file raises :class:`w2v2.checkpoint.CheckpointError`."""
-        path = Path(path)
+        path = Path(path).resolve()
         self._restore(path, *read_checkpoint(path, self.model))
 
     def _restore(self, path: Path, state: dict, weights: dict[str, Tensor]) -> None:
@@ -447,8 +469,22 @@ class Trainer:
         set_rng_state(state["rng"])
         self._iter = None
         self._resumed_from = path
+        self._warn_changed_options(path, state.get("train_config"))
         log.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.step, self.epoch,
                  self.batches_in_epoch)
+
+    def _warn_changed_options(self, path: Path, saved) -> None:
+        """Resuming with other training options is allowed (a longer run, a lower learning rate),
+        but the result then differs from an uninterrupted run's: say which options changed."""
+        if not isinstance(saved, dict):
+            return
+        plain = json.loads(json.dumps(self.cfg.to_dict()))  # tuples as lists, like the saved ones
+        ignored = _BOOKKEEPING - ({"max_minutes"} if self.cfg.schedule_clock == "time" else set())
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in plain.items()
+                   if k in saved and k not in ignored and json.loads(json.dumps(saved[k])) != v]
+        if changed and self.info.is_main:
+            log.warning("resuming %s with other training options than it was trained with (%s): training "
+                        "goes on, but no longer as the uninterrupted run would have", path.name, ", ".join(changed))
 
     def resume_latest(self) -> Path | None:
         """Restore the newest intact checkpoint of the run directory (None when there is none).
@@ -461,7 +497,7 @@ class Trainer:
 
         newest = last_checkpoint(self.run_dir)
         candidates = [newest] if newest is not None else []
-        candidates += [p for p in reversed(checkpoint_dirs(self.run_dir)) if p not in candidates]
+        candidates += [p for p in reversed(checkpoint_dirs(self.run_dir)) if p != newest]
         damaged: list[tuple[Path, CheckpointError]] = []
         for path in candidates:
             try:
@@ -471,27 +507,14 @@ class Trainer:
                 damaged.append((path, e))
                 continue
             self._restore(path, state, weights)
-            for bad, _ in damaged:
-                if self.info.is_main:
-                    aside = bad.with_name(f"{bad.name}.corrupt")
-                    if aside.exists():
-                        aside = bad.with_name(f"{bad.name}.corrupt-{time.time_ns()}")
-                    os.replace(bad, aside)
-                    log.warning("resumed from the earlier %s instead; the damaged one is now %s",
-                                path.name, aside.name)
+            if damaged and self.info.is_main:
+                for aside in set_aside([bad for bad, _ in damaged], instead=path):
+                    log.warning("resumed from the earlier %s instead; the damaged one is now %s", path.name, aside.name)
             return path
         if damaged:
             raise CheckpointError(f"{self.run_dir}: no intact checkpoint to resume from; "
                                   + "; ".join(str(e) for _, e in damaged))
         return None
-
-    def _remove_stale_files(self) -> None:
-        """Temporary checkpoint directories and links left by a run that was killed mid-save."""
-        for p in self.run_dir.glob(f".{CHECKPOINT_PREFIX}*"):
-            if p.is_symlink() or p.is_file():
-                p.unlink(missing_ok=True)
-            elif p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
@@ -519,9 +542,15 @@ class Trainer:
 
         ``resume``: True continues from ``run_dir/checkpoint_last`` when there is one (else a
         fresh start), a path continues from that checkpoint directory."""
-        seed_everything(self.cfg.seed)
         if self.info.is_main:
-            self._remove_stale_files()
+            self._lock.acquire()  # again, when this trainer trains a second time
+        try:
+            return self._train(resume)
+        finally:
+            self._lock.release()
+
+    def _train(self, resume: bool | str | os.PathLike) -> dict:
+        seed_everything(self.cfg.seed)
         ckpt = None
         if resume:
             if isinstance(resume, bool):
@@ -532,11 +561,14 @@ class Trainer:
             if ckpt is None:
                 log.info("no checkpoint in %s: starting from scratch", self.run_dir)
         if self.info.is_main:
-            with atomic_open(self.run_dir / "train_config.json") as f:
-                json.dump(self.cfg.to_dict(), f, indent=2)
-            self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
-        bar = self._progress_bar()
-        self._started = time.monotonic()
+            try:
+                with atomic_open(self.run_dir / "train_config.json") as f:
+                    json.dump(self.cfg.to_dict(), f, indent=2)
+                self._metrics = MetricLog(self.run_dir, self.step if ckpt else None, self.cfg.tensorboard)
+            except OSError as e:  # disk full, no permission: before any update
+                raise RunError(f"{e.filename or self.run_dir}: cannot write ({e.strerror or e})") from e
+        self._started, self._first_step = time.monotonic(), self.step
+        bar = self._bar = self._progress_bar()
         stopped_early = False
         try:
             with self._signals():
@@ -564,16 +596,12 @@ class Trainer:
         return {"step": self.step, "stopped_early": stopped_early, "checkpoint": path}
 
     def _time_is_up(self) -> bool:
-        if self.cfg.schedule_clock == "time":
-            return self._time_schedule_done()
-        return self.cfg.max_minutes is not None and time.monotonic() - self._started > 60 * self.cfg.max_minutes
+        left = self._seconds_left()
+        return left is not None and left <= 0
 
     def _elapsed_total(self) -> float:
         """Training seconds of the whole run so far (earlier invocations included)."""
         return self._seconds_before + time.monotonic() - self._started
-
-    def _time_schedule_done(self) -> bool:
-        return self.cfg.schedule_clock == "time" and self._elapsed_total() >= 60 * self.cfg.max_minutes
 
     def _schedule_step(self) -> int:
         """The step the learning-rate schedule is at: the update count, or with the time clock the
@@ -591,6 +619,7 @@ class Trainer:
         if self.info.is_main:
             self._metrics.write(row)
             if bar is not None:
+                bar.total = self._projected_updates()
                 bar.n = self.step
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "lr") if k in row}, refresh=False)
                 bar.refresh()
@@ -601,8 +630,33 @@ class Trainer:
         if not row["skipped"] and self.step % self.cfg.save_interval == 0 and self.step < self.cfg.max_updates:
             self.save_checkpoint()
 
+    def _seconds_left(self) -> float | None:
+        """Training time left before the time budget stops the run (None: no time budget): the
+        whole run's with the time clock, this invocation's with the updates clock."""
+        if self.cfg.max_minutes is None:
+            return None
+        spent = self._elapsed_total() if self.cfg.schedule_clock == "time" else time.monotonic() - self._started
+        return max(0.0, 60 * self.cfg.max_minutes - spent)
+
+    def _projected_updates(self) -> int | None:
+        """The update the run will stop at: ``max_updates``, or the one ``max_epochs`` or a time
+        budget ends it at when that comes first (the time budget's projected at this invocation's
+        pace; None before there is a pace). The progress bar counts to it, so its ETA is the time
+        the run actually has left."""
+        total = self.cfg.max_updates
+        if self.cfg.max_epochs is not None and self._epoch_batches is not None:
+            batches_left = (self.cfg.max_epochs - self.epoch) * self._epoch_batches - self.batches_in_epoch
+            total = min(total, self.step + max(0, batches_left) // self.cfg.accum_steps)
+        left = self._seconds_left()
+        if left is None:
+            return total
+        done, seconds = self.step - self._first_step, time.monotonic() - self._started
+        if done <= 0 or seconds <= 0:
+            return None
+        return min(total, self.step + int(left * done / seconds))
+
     def _progress_bar(self):
         if not (self.cfg.progress and self.info.is_main):
             return None
         from tqdm import tqdm
-        return tqdm(total=self.cfg.max_updates, initial=self.step, unit="upd", dynamic_ncols=True)
+        return tqdm(total=self._projected_updates(), initial=self.step, unit="upd", dynamic_ncols=True)
