@@ -216,3 +216,77 @@ def test_long_target_names_get_a_temporary_that_fits(tmp_path):
     name = "é" * 120 + ".json"  # 245 bytes: the target fits NAME_MAX, its name plus a suffix would not
     atomic_write_text(tmp_path / name, "{}")
     assert os.listdir(tmp_path) == [name]
+
+
+# ---------------------------------------------------------------------------- several files, all or nothing
+def test_write_outputs_is_all_or_nothing_when_a_write_fails(result, tmp_path, monkeypatch):
+    from w2v2.fileio import OutputError
+    from w2v2.writers import WriteTSV, write_outputs
+
+    for fmt in WRITERS:
+        (tmp_path / f"clip.{fmt}").write_text("old")
+
+    def disk_full(self, result, file):
+        file.write("start")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(WriteTSV, "write_result", disk_full)  # after txt, srt, vtt and json are staged
+    with pytest.raises(OutputError) as e:
+        write_outputs(result, tmp_path, "clip", list(WRITERS))
+    assert str(e.value) == f"cannot write {tmp_path / 'clip.tsv'}: No space left on device" and e.value.errno == 28
+    assert sorted(os.listdir(tmp_path)) == [f"clip.{fmt}" for fmt in sorted(WRITERS)]
+    assert all((tmp_path / f"clip.{fmt}").read_text() == "old" for fmt in WRITERS)
+
+
+def test_a_failed_rename_puts_the_renamed_files_back(tmp_path, monkeypatch):
+    from w2v2.fileio import OutputError, atomic_write_files
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "c.txt").mkdir()  # a folder where the third file goes: its rename fails
+    with pytest.raises(OutputError, match=f"cannot write {re.escape(str(tmp_path / 'c.txt'))}: Is a directory"):
+        atomic_write_files({tmp_path / n: (lambda f, n=n: f.write(f"new {n}")) for n in ["a.txt", "b.txt", "c.txt"]})
+    assert (tmp_path / "a.txt").read_text() == "old a"  # renamed, then put back
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "c.txt"]  # b.txt did not exist before: removed again
+    atomic_write_files({tmp_path / n: (lambda f, n=n: f.write(f"new {n}")) for n in ["a.txt", "b.txt"]})
+    assert [(tmp_path / n).read_text() for n in ["a.txt", "b.txt"]] == ["new a.txt", "new b.txt"]
+
+
+def test_creation_errors_name_the_folder_and_write_errors_the_file(tmp_path, monkeypatch):
+    from w2v2.fileio import OutputError, make_folder
+
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OutputError) as e:
+        atomic_write_text(tmp_path / "t.txt", "x")
+    assert str(e.value) == f"cannot create t.txt in {tmp_path}: Read-only file system"  # not the temporary's name
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=f"cannot create the folder .*: {re.escape(str(tmp_path / 'file'))} is a file"):
+        make_folder(tmp_path / "file" / "sub" / "subsub")
+
+
+def test_names_that_are_not_utf8_round_trip(result, tmp_path):
+    from w2v2.writers import write_outputs
+
+    name = os.fsdecode(b"caf\xe9")
+    result["metadata"]["model"] = os.fsdecode(b"/models/\xff")  # a model path that is not UTF-8 either
+    write_outputs(result, tmp_path, name, list(WRITERS))
+    assert sorted(os.listdir(os.fsencode(tmp_path))) == sorted(b"caf\xe9." + f.encode() for f in WRITERS)
+    back = json.loads((tmp_path / f"{name}.json").read_bytes().decode("utf-8"))  # valid UTF-8 JSON
+    assert back["metadata"]["model"] == result["metadata"]["model"]
+
+
+def test_output_names_mirror_folders_and_keep_extensions_only_on_a_clash():
+    from w2v2.writers import output_names
+
+    assert output_names([("in/a/talk.flac", "in"), ("in/a/talk.wav", "in"), ("in/b/talk.flac", "in"),
+                         ("x/solo.mp3", None), ("-", None)]) == ["a/talk.flac", "a/talk.wav", "b/talk", "solo", "stdin"]
+    assert output_names([("x/talk.flac", None), ("y/talk.wav", None)]) == ["talk.flac", "talk.wav"]
+    with pytest.raises(ValueError, match="x/talk.flac and y/talk.flac would both write talk.flac.*"):
+        output_names([("x/talk.flac", None), ("y/talk.flac", None)])

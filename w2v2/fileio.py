@@ -5,6 +5,9 @@ The data goes to a temporary file in the target's directory, is flushed and fsyn
 and the target is untouched. Used by the output writers and by training checkpoints
 (``with atomic_open(path, "wb") as f: torch.save(state, f)``).
 
+``atomic_write_files`` writes several files all or nothing (an input's txt, srt, json...). Any
+failure raises ``OutputError``, naming the target (or its folder), never the temporary.
+
 A temporary is named ``.<target name>.<random>.<pid>@<host>.tmp``. A writer killed before it
 could clean up leaves one behind; ``remove_stale_temporaries(folder)`` removes those whose
 writer is gone, and never a running writer's.
@@ -19,12 +22,13 @@ import contextlib
 import functools
 import hashlib
 import json
+import errno
 import os
 import re
+import secrets
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -68,10 +72,24 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
 
 
-def _make_temporary(path: Path) -> tuple[int, str]:
-    """Create the temporary beside ``path`` (``mkstemp``: unique, mode 0600); (fd, its path)."""
+def _temporary_name(path: Path) -> str:
     name = os.fsdecode(os.fsencode(path.name)[:_NAME_BYTES])
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=f".{os.getpid()}@{_host()}.tmp")
+    return f".{name}.{secrets.token_hex(4)}.{os.getpid()}@{_host()}.tmp"
+
+
+def _make_temporary(path: Path, doing: str | None = None) -> tuple[int, str]:
+    """Create a new temporary beside ``path`` (mode 0600 until complete); (fd, its path). Failing,
+    an ``OutputError`` names the folder: ``cannot create talk.txt in out: Read-only file system``."""
+    doing = doing or f"cannot create {path.name} in"
+    for _ in range(100):
+        tmp = os.fspath(path.parent / _temporary_name(path))
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600), tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror or type(e).__name__, path.parent, doing) from e
+    raise OutputError(errno.EEXIST, "no free temporary name", path.parent, doing)
 
 
 def _writer_is_gone(name: str, mtime: float) -> bool:
@@ -118,30 +136,152 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+class OutputError(OSError):
+    """Writing an output failed: ``errno`` is the cause's, ``filename`` the path to report (the
+    target, or its folder when nothing can be created there). Reads as one line,
+    ``cannot write out/talk.txt: No space left on device``."""
+
+    def __init__(self, code: int | None, reason: str, filename: str | os.PathLike, doing: str = "cannot write"):
+        super().__init__(code, reason, os.fspath(filename))
+        self.doing = doing
+
+    def __str__(self) -> str:
+        return f"{self.doing} {self.filename}: {self.strerror}"
+
+
+@contextlib.contextmanager
+def _reported_as(target: Path, tmp: str) -> Iterator[None]:
+    """An OSError about the temporary (or about no file at all: a failed write) names ``target``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        if e.filename not in (None, tmp):  # about another file the caller touched
+            raise
+        raise OutputError(e.errno, e.strerror or type(e).__name__, target) from e
+
+
+def _unlink_quietly(path: str | os.PathLike) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def _temporary_for(path: Path, mode: str, encoding: str) -> Iterator[tuple[IO, str]]:
+    """A file to fill, complete and fsynced in a temporary beside ``path`` when the block exits
+    cleanly (not renamed yet: the caller does that); removed on an exception."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
+    fd, tmp = _make_temporary(path)
+    try:
+        with _reported_as(path, tmp):
+            kwargs = {"encoding": encoding, "newline": ""} if mode == "w" else {}
+            with os.fdopen(fd, mode, **kwargs) as f:
+                yield f, tmp
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _default_mode())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
     """Open a temporary file for writing that replaces ``path`` when the block exits cleanly.
 
     ``mode`` is ``"w"`` (text, ``encoding``) or ``"wb"``. On an exception the temporary file is
-    deleted and ``path`` keeps its previous content (or stays absent).
+    deleted and ``path`` keeps its previous content (or stays absent). A failure to create,
+    write or rename the file raises ``OutputError`` naming ``path`` (or its folder).
     """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    fd, tmp = _make_temporary(path)
+    with _temporary_for(path, mode, encoding) as (f, tmp):
+        yield f
     try:
-        kwargs = {"encoding": encoding, "newline": ""} if mode == "w" else {}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
+        _replace_all([(tmp, path)])
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+
+
+def atomic_write_files(writes: dict[str | os.PathLike, Callable[[IO], None]], mode: str = "w",
+                       encoding: str = "utf-8") -> None:
+    """Write several files all or nothing: ``write(file)`` fills a temporary beside each path;
+    only when every one is complete are they renamed into place. On a failure (a full disk, a
+    read-only folder, a target that is a directory) every target keeps its previous content
+    (or stays absent) and the error names the file. A crash during the renames themselves (no
+    data is written then) can leave some targets new and some old."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, write in writes.items():
+            with _temporary_for(Path(path), mode, encoding) as (f, tmp):
+                write(f)
+            temps.append((tmp, Path(path)))
+        _replace_all(temps)
+    except BaseException:
+        for tmp, _ in temps:
+            _unlink_quietly(tmp)
+        raise
+
+
+def _replace_all(temps: list[tuple[str, Path]]) -> None:
+    """Rename each temporary onto its target; if one rename fails, the targets already replaced
+    get their previous content back (kept aside as hard links until all renames are done)."""
+    replaced: list[tuple[Path, str | None, bool]] = []  # (target, its previous content aside, existed)
+    backups = []
+    try:
+        for tmp, path in temps:
+            existed = os.path.lexists(path)
+            backup = _link_aside(path) if existed else None
+            if backup:
+                backups.append(backup)
+            with _reported_as(path, tmp):
+                os.replace(tmp, path)
+            replaced.append((path, backup, existed))
+    except BaseException:
+        for path, backup, existed in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if backup:
+                    os.replace(backup, path)
+                elif not existed:
+                    os.unlink(path)
+        raise
+    finally:
+        for backup in backups:
+            _unlink_quietly(backup)
+    for folder in {path.parent for _, path in temps}:
+        _fsync_dir(folder)
+
+
+def _link_aside(path: Path) -> str | None:
+    """A second name (a hard link, named like a temporary) for ``path``; None where links fail."""
+    backup = os.fspath(path.parent / _temporary_name(path))
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:
+        return None
+    return backup
+
+
+def make_folder(path: str | os.PathLike) -> None:
+    """``mkdir -p`` whose failure is an ``OutputError`` naming the folder and, where a file is in
+    the way, that file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        in_the_way = next((p for p in [path, *path.parents] if os.path.lexists(p) and not p.is_dir()), None)
+        reason = f"{in_the_way} is a file, not a folder" if in_the_way else e.strerror or type(e).__name__
+        raise OutputError(e.errno, reason, path, "cannot create the folder") from e
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temporary in ``folder``: ``OutputError`` naming it if that fails (a
+    read-only folder or file system, no permission, no space for a new entry)."""
+    fd, tmp = _make_temporary(Path(folder) / "probe", "cannot write in")
+    os.close(fd)
+    _unlink_quietly(tmp)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
