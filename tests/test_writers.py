@@ -1,5 +1,6 @@
 """Output writers on a small hand-made result, and atomic file writes."""
 
+import io
 import json
 import os
 import re
@@ -152,9 +153,11 @@ def test_writer_failing_mid_way_leaves_nothing(result, tmp_path):
 
 # ---------------------------------------------------------------------------- stale temporaries
 WRITER_THEN_SLEEP = """
-import sys, time
-from w2v2.fileio import atomic_open
-with atomic_open(sys.argv[1]) as f:
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("fileio", sys.argv[2])  # alone: without torch, it starts at once
+fileio = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fileio)
+with fileio.atomic_open(sys.argv[1]) as f:
     f.write("half")
     f.flush()
     print("writing", flush=True)
@@ -164,9 +167,10 @@ with atomic_open(sys.argv[1]) as f:
 
 def test_killed_writers_temporary_is_removed_but_not_a_running_ones(tmp_path):
     target = tmp_path / "talk.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER_THEN_SLEEP, str(target)], stdout=subprocess.PIPE,
-                                env=env, text=True) for _ in range(2)]
+    import w2v2.fileio
+
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER_THEN_SLEEP, str(target), w2v2.fileio.__file__],
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         for w in writers:
             assert w.stdout.readline() == "writing\n"
@@ -290,3 +294,88 @@ def test_output_names_mirror_folders_and_keep_extensions_only_on_a_clash():
     assert output_names([("x/talk.flac", None), ("y/talk.wav", None)]) == ["talk.flac", "talk.wav"]
     with pytest.raises(ValueError, match="x/talk.flac and y/talk.flac would both write talk.flac.*"):
         output_names([("x/talk.flac", None), ("y/talk.flac", None)])
+
+
+# ---------------------------------------------------------------------------- subtitle cues
+def seg(text, start, end):
+    return {"start": start, "end": end, "text": text}
+
+
+def check_cues(cues: list[tuple[float, float, str]], segments: list[dict], duration: float | None) -> None:
+    """What every subtitle file must satisfy, whatever the words: the segments' text in order, each
+    cue covering its segments, no overlap, inside the audio, lines of at most 42 characters, and
+    no cue under a second unless its neighbours (or the audio's ends) leave no room."""
+    from w2v2.decoding.segments import MAX_LINE_CHARS, MIN_CUE_SECONDS
+
+    spoken = [s for s in segments if s["text"].strip()]
+    assert " ".join(c[2].replace("\n", " ") for c in cues).split() == " ".join(s["text"] for s in spoken).split()
+    i = 0
+    for k, (start, end, text) in enumerate(cues):
+        n = len(text.split())  # the segments this cue shows
+        covered = []
+        while n > 0:
+            covered.append(spoken[i])
+            n -= len(spoken[i]["text"].split())
+            i += 1
+        assert n == 0, "a cue holds part of a segment"
+        assert start <= covered[0]["start"] + 5e-4 and end >= covered[-1]["end"] - 5e-4
+        assert all(len(line) <= MAX_LINE_CHARS or " " not in line for line in text.split("\n"))
+        earlier = cues[k - 1][1] if k else 0.0
+        later = cues[k + 1][0] if k + 1 < len(cues) else duration
+        assert earlier <= start < end and (later is None or end <= later + 5e-4)
+        if end - start < MIN_CUE_SECONDS - 5e-4:  # short only when boxed in
+            assert start <= earlier + 5e-4 and later is not None and end >= later - 5e-4, (start, end, earlier, later)
+
+
+def cues_of(segments, duration=None, fmt="srt"):
+    result = {"text": "", "segments": segments, "metadata": {"duration": duration}}
+    text = io.StringIO()
+    WRITERS[fmt](".").write_result(result, text)
+    return parse_cues(text.getvalue().removeprefix("WEBVTT\n\n"), "," if fmt == "srt" else ".")
+
+
+def test_a_flash_of_one_letter_joins_the_nearer_neighbour():
+    segments = [seg("GOOD MORNING", 0.0, 1.5), seg("O", 2.1, 2.12), seg("HOW ARE YOU", 2.9, 4.0)]
+    assert cues_of(segments, 5.0) == [(0.0, 2.12, "GOOD MORNING O"), (2.9, 4.0, "HOW ARE YOU")]
+    segments[1] = seg("O", 2.8, 2.82)  # nearer the next one now
+    assert cues_of(segments, 5.0) == [(0.0, 1.5, "GOOD MORNING"), (2.8, 4.0, "O HOW ARE YOU")]
+
+
+def test_a_short_cue_alone_is_shown_for_a_second_without_overlapping():
+    far = [seg("HELLO THERE", 0.0, 2.0), seg("E", 4.0, 4.02), seg("AND THEN SOME", 6.0, 8.0)]
+    assert cues_of(far, 9.0) == [(0.0, 2.0, "HELLO THERE"), (4.0, 5.0, "E"), (6.0, 8.0, "AND THEN SOME")]
+    # too long to join (7 s at most): the end moves to the next cue, the start back to a second
+    boxed = [seg("A " * 10, 0.0, 6.5), seg("E", 7.0, 7.02), seg("B " * 10, 7.6, 14.5)]
+    cues = cues_of(boxed, 15.0, fmt="vtt")
+    assert [c[:2] for c in cues] == [(0.0, 6.5), (6.6, 7.6), (7.6, 14.5)]
+    check_cues(cues, boxed, 15.0)
+    # at the end of the audio: never past it
+    assert cues_of([seg("OK", 2.0, 2.3)], 2.5)[0][:2] == (1.5, 2.5)
+
+
+def test_lines_are_42_characters_at_most_and_balanced():
+    text = "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG WHILE THE CAT IS AWAY AT SEA"  # 72 characters
+    (_, _, shown), = cues_of([seg(text, 0.0, 4.0)])
+    lines = shown.split("\n")
+    assert len(lines) == 2 and max(map(len, lines)) <= 42 and abs(len(lines[0]) - len(lines[1])) <= 10
+    assert " ".join(lines) == text
+    long_word = "X" * 50
+    assert cues_of([seg(f"A {long_word} B", 0.0, 3.0)])[0][2].split("\n") == ["A", long_word, "B"]
+
+
+def test_cue_rules_hold_for_random_word_timings():
+    """Crafted timings: words of 20 ms to 1 s, pauses of 0 to 3 s, grouped by ``segment_words``."""
+    from w2v2.decoding import segment_words
+    from w2v2.decoding.types import Word
+
+    for trial in range(200):
+        rng = np.random.default_rng(trial)
+        t, words = float(rng.uniform(0, 2)), []
+        for _ in range(int(rng.integers(1, 60))):
+            length = float(rng.choice([0.02, 0.04, rng.uniform(0.02, 1.0)]))
+            words.append(Word("".join(rng.choice(list("AEIOUTHNS"), int(rng.integers(1, 12)))), round(t, 2),
+                              round(t + length, 2), 1.0))
+            t += length + float(rng.choice([0.0, rng.uniform(0.0, 3.0)]))
+        segments = segment_words(words, max_chars=int(rng.integers(10, 120)))
+        duration = round(t + float(rng.uniform(0, 1)), 2)
+        check_cues(cues_of(segments, duration, fmt=["srt", "vtt"][trial % 2]), segments, duration)

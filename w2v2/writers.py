@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .decoding.segments import subtitle_cues
 from .fileio import atomic_open, atomic_write_files, make_folder
 
 
@@ -139,15 +140,13 @@ class SubtitlesWriter(ResultWriter):
     decimal_marker: str
 
     def iterate_cues(self, result: dict) -> list[tuple[str, str, str]]:
-        """(start, end, text) for every segment with text."""
+        """(start, end, text) of every cue: segments with text, by the display rules of
+        ``decoding.segments.subtitle_cues`` (no flashes, lines of at most 42 characters)."""
+        duration = (result.get("metadata") or {}).get("duration")
         return [
-            (
-                format_timestamp(s["start"], self.decimal_marker),
-                format_timestamp(s["end"], self.decimal_marker),
-                _one_line(s["text"]).replace("-->", "->"),
-            )
-            for s in result.get("segments") or []
-            if s["text"].strip()
+            (format_timestamp(start, self.decimal_marker), format_timestamp(end, self.decimal_marker),
+             "\n".join(line.replace("-->", "->") for line in lines))
+            for start, end, lines in subtitle_cues(result.get("segments") or [], duration)
         ]
 
 
