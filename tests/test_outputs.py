@@ -349,3 +349,62 @@ def test_output_cases(tiny_model_dir, clips, tmp_path, capsys):
         if case.problem:
             assert case.problem in err, (case.name, err)
         assert all(p.exists() for p in case.outputs), case.name
+
+
+# ---------------------------------------------------------------------------- the other commands' outputs
+def test_other_commands_refuse_output_paths_that_cannot_work_before_any_work(tiny_model_dir, clips, tmp_path, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(f"path\tseconds\tspeaker\ttext\n{clips[0]}\t2.0\ts\tHELLO\n")
+    text = tmp_path / "text.txt"
+    text.write_text("HELLO WORLD\n")
+    model = str(tiny_model_dir)
+    runs = {  # argv -> the end of its one error line
+        ("embed", str(clips[0]), "--model", model, "--output-dir", str(file)): "--output-dir: {file} is a file, not a folder",
+        ("embed", str(clips[0]), "--model", model, "--output", str(folder)): "--output: {folder} is a folder, not a file",
+        ("embed", str(clips[0]), "--model", model, "--output", str(file / "x")): "--output: {file}/x: {file} is a file, not a folder",
+        ("evaluate", "--model", model, "--data", str(manifest), "--out", str(file / "e.tsv")):
+            "--out: {file}/e.tsv: {file} is a file, not a folder",
+        ("evaluate", "--model", model, "--data", str(manifest), "--out", str(folder)): "--out: {folder} is a folder, not a file",
+        ("lm", str(text), str(folder)): "OUT.arpa: {folder} is a folder, not a file",
+        ("lm", str(text), str(file / "x.arpa")): "OUT.arpa: {file}/x.arpa: {file} is a file, not a folder",
+    }
+    for argv, expected in runs.items():
+        assert main(list(argv)) == 2, argv
+        assert error_lines(capsys) == [f"w2v2 {argv[0]}: error: " + expected.format(file=file, folder=folder)]
+    with pytest.raises(SystemExit) as stop:
+        main(["align", str(clips[0]), "HELLO", "--model", model, "-o", str(file)])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"{file} is a file, not a folder")
+    assert file.read_text() == "x" and os.listdir(folder) == []
+
+
+def test_embed_disk_full_fails_those_inputs_and_stops(tiny_model_dir, clips, tmp_path, monkeypatch, capsys):
+    def no_space(fd):  # where a full disk shows on file systems that allocate late (NFS, delayed allocation)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    out = tmp_path / "emb"
+    assert main(["embed", *map(str, clips), "--model", str(tiny_model_dir), "--output-dir", str(out),
+                 "--no-progress"]) == 1
+    lines = error_lines(capsys)
+    expected = {f"w2v2 embed: error: {c}: cannot write {out / Path(c).stem}.safetensors: No space left on device"
+                for c in clips}  # embedded in order of duration
+    assert len(set(lines[:2])) == 2 and set(lines[:2]) <= expected
+    assert lines[2:] == ["w2v2 embed: stopping: nothing more can be written (No space left on device)",
+                         "0 of 3 files embedded to " + str(out) + "; 3 failed (see above)"]
+
+
+def test_lm_on_a_full_device_is_one_line(tmp_path, capsys):
+    full = tmp_path / "full"
+    try:
+        os.mknod(full, 0o666 | 0o020000, os.makedev(1, 7))  # a private /dev/full
+    except PermissionError as e:
+        pytest.skip(f"cannot make device nodes here: {e}")
+    text = tmp_path / "text.txt"
+    text.write_text("HELLO WORLD\n" * 1000)
+    assert main(["lm", str(text), str(full)]) == 1
+    assert error_lines(capsys) == [f"w2v2 lm: error: cannot write {full}: No space left on device"]
+    assert not full.is_file()

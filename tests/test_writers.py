@@ -203,7 +203,9 @@ def test_stale_temporaries_of_other_hosts_and_older_versions_go_by_age(tmp_path)
     }
     for name in names:
         (tmp_path / name).write_text("x")
-    old = {f".b.txt.abcd_128.{dead}@elsewhere.tmp": True, ".b.txt.abcd_129.tmp": True, ".old.tmp": False}
+    (tmp_path / "b.txt").write_text("x")
+    old = {f".b.txt.abcd_128.{dead}@elsewhere.tmp": True, ".b.txt.abcd_129.tmp": True, ".old.tmp": False,
+           ".c.txt.abcd_132.tmp": False}  # an older version's pattern, but no c.txt: maybe not ours
     for name in old:
         (tmp_path / name).write_text("x")
         os.utime(tmp_path / name, (0, time.time() - STALE_AFTER_SECONDS - 60))
@@ -212,7 +214,7 @@ def test_stale_temporaries_of_other_hosts_and_older_versions_go_by_age(tmp_path)
     removed = {p.name for p in remove_stale_temporaries(tmp_path)}
     assert removed == {n for n, stale in {**names, **old}.items() if stale}
     assert all(not (tmp_path / n).exists() for n in removed)
-    assert len(os.listdir(tmp_path)) == len(names) + len(old) + 2 - len(removed)
+    assert len(os.listdir(tmp_path)) == len(names) + len(old) + 3 - len(removed)
     assert remove_stale_temporaries(tmp_path / "missing") == []
 
 
@@ -379,3 +381,34 @@ def test_cue_rules_hold_for_random_word_timings():
         segments = segment_words(words, max_chars=int(rng.integers(10, 120)))
         duration = round(t + float(rng.uniform(0, 1)), 2)
         check_cues(cues_of(segments, duration, fmt=["srt", "vtt"][trial % 2]), segments, duration)
+
+
+def test_streams_are_written_in_place_and_links_followed(tmp_path):
+    """An output on a character device or a FIFO is written to it, never replaced by a file (as
+    root, that replaced /dev/full for everyone); a link keeps pointing where it did. The devices
+    are private nodes (mknod needs root), so a regression breaks nothing outside tmp_path."""
+    import threading
+
+    from w2v2.fileio import OutputError
+
+    try:
+        os.mknod(tmp_path / "null", 0o666 | 0o020000, os.makedev(1, 3))
+        os.mknod(tmp_path / "full", 0o666 | 0o020000, os.makedev(1, 7))
+    except (PermissionError, AttributeError) as e:
+        pytest.skip(f"cannot make device nodes here: {e}")
+    atomic_write_text(tmp_path / "null", "gone")
+    with pytest.raises(OutputError, match=f"cannot write {re.escape(str(tmp_path / 'full'))}: No space left on device"):
+        atomic_write_bytes(tmp_path / "full", b"x" * 10000)
+    assert all(os.path.exists(tmp_path / n) and not (tmp_path / n).is_file() for n in ("null", "full"))
+    os.mkfifo(tmp_path / "fifo")
+    got = []
+    reader = threading.Thread(target=lambda: got.append((tmp_path / "fifo").read_text()))
+    reader.start()
+    atomic_write_text(tmp_path / "fifo", "through the pipe")
+    reader.join(timeout=10)
+    assert got == ["through the pipe"] and not (tmp_path / "fifo").is_file()
+    (tmp_path / "real.txt").write_text("old")
+    os.symlink("real.txt", tmp_path / "link.txt")
+    atomic_write_text(tmp_path / "link.txt", "new")
+    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "real.txt").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "full", "link.txt", "null", "real.txt"]

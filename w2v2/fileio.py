@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,7 +60,7 @@ def _fsync_dir(directory: Path) -> None:
 _NAME_BYTES = 120  # of the target's name kept in its temporary's name: the whole stays under NAME_MAX (255)
 # ours: .<name>.<8 mkstemp characters>.<pid>@<host>.tmp; older versions wrote .<name>.<8 characters>.tmp
 _OURS = re.compile(r"\..+\.[a-z0-9_]{8}\.(\d+)@([A-Za-z0-9-]+)\.tmp")
-_LEGACY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_LEGACY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 # A temporary lives for one write: data streams in and it is renamed or removed at once. One left
 # untouched this long, whose writer cannot be looked up (another host, or a version that did not
 # record its pid), is not being written any more; a day leaves room for any slow or paused write.
@@ -92,8 +93,8 @@ def _make_temporary(path: Path, doing: str | None = None) -> tuple[int, str]:
     raise OutputError(errno.EEXIST, "no free temporary name", path.parent, doing)
 
 
-def _writer_is_gone(name: str, mtime: float) -> bool:
-    """Whether the temporary called ``name`` belongs to no running writer."""
+def _writer_is_gone(folder: str | os.PathLike, name: str, mtime: float) -> bool:
+    """Whether the temporary ``name`` in ``folder`` belongs to no running writer."""
     ours = _OURS.fullmatch(name)
     if ours and ours[2] == _host():
         pid = int(ours[1])
@@ -106,16 +107,18 @@ def _writer_is_gone(name: str, mtime: float) -> bool:
         except OSError:  # e.g. another user's process: alive
             return False
         return False  # alive (or its pid reused since: kept until that process ends too)
-    if ours or _LEGACY.fullmatch(name):
+    if ours:
         return time.time() - mtime > STALE_AFTER_SECONDS
-    return False
+    legacy = _LEGACY.fullmatch(name)  # a common pattern: only beside the file it was for
+    return bool(legacy) and os.path.lexists(os.path.join(folder, legacy[1])) and time.time() - mtime > STALE_AFTER_SECONDS
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that ``atomic_open`` left in ``folder`` (not below it) when its
     writer was killed; returns their paths. A temporary of this host is stale when the process
     named in it no longer runs; one of another host (a shared file system) or of an older
-    version, which names no process, when it has not changed for ``STALE_AFTER_SECONDS``.
+    version, which names no process, when it has not changed for ``STALE_AFTER_SECONDS`` (and,
+    for the older version's ``.<name>.<random>.tmp``, a common pattern, only beside ``<name>``).
     Regular files only; whatever cannot be read or removed is left as it is."""
     removed = []
     try:
@@ -128,7 +131,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         try:
             if not entry.is_file(follow_symlinks=False):
                 continue
-            if _writer_is_gone(entry.name, entry.stat(follow_symlinks=False).st_mtime):
+            if _writer_is_gone(folder, entry.name, entry.stat(follow_symlinks=False).st_mtime):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:
@@ -157,7 +160,7 @@ def _reported_as(target: Path, tmp: str) -> Iterator[None]:
     except OutputError:
         raise
     except OSError as e:
-        if e.filename not in (None, tmp):  # about another file the caller touched
+        if e.filename not in (None, tmp):  # about another file the caller touched (tmp: or the stream)
             raise
         raise OutputError(e.errno, e.strerror or type(e).__name__, target) from e
 
@@ -168,23 +171,43 @@ def _unlink_quietly(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _temporary_for(path: Path, mode: str, encoding: str) -> Iterator[tuple[IO, str]]:
-    """A file to fill, complete and fsynced in a temporary beside ``path`` when the block exits
-    cleanly (not renamed yet: the caller does that); removed on an exception."""
+def _temporary_for(path: Path, mode: str, encoding: str) -> Iterator[tuple[IO, str | None, Path]]:
+    """``(file, temporary, target)``: a file to fill, complete and fsynced in a temporary beside
+    ``target`` when the block exits cleanly (not renamed yet: the caller does that); removed on an
+    exception. ``target`` is ``path``, or where ``path`` links to (the link stays a link). A path
+    that names a stream (a character device such as /dev/null or /dev/stdout, a FIFO) is written
+    directly, temporary None: replacing it by a file would break it for everyone."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
-    fd, tmp = _make_temporary(path)
+    kwargs = {"encoding": encoding, "newline": ""} if mode == "w" else {}
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if is_stream(target):
+        with _reported_as(path, os.fspath(target)), open(target, mode, **kwargs) as f:
+            yield f, None, target
+        return
+    fd, tmp = _make_temporary(target)
     try:
         with _reported_as(path, tmp):
-            kwargs = {"encoding": encoding, "newline": ""} if mode == "w" else {}
             with os.fdopen(fd, mode, **kwargs) as f:
-                yield f, tmp
+                yield f, tmp, target
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, _default_mode())
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a character device, a FIFO or a socket (written in place, never
+    replaced); ``OutputError`` for a block device."""
+    try:
+        kind = os.stat(path).st_mode
+    except OSError:
+        return False
+    if stat.S_ISBLK(kind):
+        raise OutputError(errno.EINVAL, "a block device, not a file: not written", path, "cannot write")
+    return stat.S_ISCHR(kind) or stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind)
 
 
 @contextlib.contextmanager
@@ -195,11 +218,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8
     deleted and ``path`` keeps its previous content (or stays absent). A failure to create,
     write or rename the file raises ``OutputError`` naming ``path`` (or its folder).
     """
-    path = Path(path)
-    with _temporary_for(path, mode, encoding) as (f, tmp):
+    with _temporary_for(Path(path), mode, encoding) as (f, tmp, target):
         yield f
+    if tmp is None:  # a stream, written directly
+        return
     try:
-        _replace_all([(tmp, path)])
+        _replace_all([(tmp, target)])
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -211,13 +235,15 @@ def atomic_write_files(writes: dict[str | os.PathLike, Callable[[IO], None]], mo
     only when every one is complete are they renamed into place. On a failure (a full disk, a
     read-only folder, a target that is a directory) every target keeps its previous content
     (or stays absent) and the error names the file. A crash during the renames themselves (no
-    data is written then) can leave some targets new and some old."""
+    data is written then) can leave some targets new and some old. Streams (``/dev/null``, a
+    FIFO) among the paths are written directly, in turn."""
     temps: list[tuple[str, Path]] = []
     try:
         for path, write in writes.items():
-            with _temporary_for(Path(path), mode, encoding) as (f, tmp):
+            with _temporary_for(Path(path), mode, encoding) as (f, tmp, target):
                 write(f)
-            temps.append((tmp, Path(path)))
+            if tmp is not None:
+                temps.append((tmp, target))
         _replace_all(temps)
     except BaseException:
         for tmp, _ in temps:
@@ -264,6 +290,13 @@ def _link_aside(path: Path) -> str | None:
     return backup
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The first of ``folder`` and its parents that exists but is not a folder (so ``folder``
+    can never be created), or None."""
+    folder = Path(folder)
+    return next((p for p in [folder, *folder.parents] if os.path.lexists(p) and not p.is_dir()), None)
+
+
 def make_folder(path: str | os.PathLike) -> None:
     """``mkdir -p`` whose failure is an ``OutputError`` naming the folder and, where a file is in
     the way, that file."""
@@ -271,7 +304,7 @@ def make_folder(path: str | os.PathLike) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        in_the_way = next((p for p in [path, *path.parents] if os.path.lexists(p) and not p.is_dir()), None)
+        in_the_way = file_in_the_way(path)
         reason = f"{in_the_way} is a file, not a folder" if in_the_way else e.strerror or type(e).__name__
         raise OutputError(e.errno, reason, path, "cannot create the folder") from e
 

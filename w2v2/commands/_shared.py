@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import os
 import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from ..fileio import OutputError, check_writable, make_folder, remove_stale_temporaries
+from ..fileio import (OutputError, check_writable, file_in_the_way, is_stream, make_folder,
+                      remove_stale_temporaries)
 from ..transcribe import TranscribeOptions
 from ..writers import WRITERS, output_stem, printable, write_outputs
 from ._options import add_fields, add_shared, field_values
@@ -75,14 +77,40 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_format: str) -
 
 
 def output_folder(value: str) -> str:
-    """--output-dir names a folder (it may not exist yet), not a file, nor a path through one."""
-    path = Path(value)
-    in_the_way = next((p for p in [path, *path.parents] if os.path.lexists(p) and not p.is_dir()), None)
-    if in_the_way == path:
-        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder")
-    if in_the_way is not None:
-        raise argparse.ArgumentTypeError(f"{value}: {in_the_way} is a file, not a folder")
+    """argparse type of --output-dir: a folder (it may not exist yet), not a file, nor below one."""
+    problem = path_problem(value, folder=True)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
+
+
+def path_problem(value: str, folder: bool) -> str | None:
+    """Why ``value`` can never be an output folder (``folder``) or file: a file is in the way, or
+    an output file's path is a folder. None if it can."""
+    path = Path(value)
+    if not folder and path.is_dir():
+        return f"{value} is a folder, not a file"
+    in_the_way = file_in_the_way(path if folder else path.parent)
+    if in_the_way is None:
+        return None
+    return f"{value} is a file, not a folder" if in_the_way == path else f"{value}: {in_the_way} is a file, not a folder"
+
+
+def check_output_target(value: str, folder: bool = False, option: str | None = None) -> None:
+    """Before any work: ``UsageError`` (exit 2) if ``value`` can never be an output folder or
+    file; ``OutputError`` (exit 1) if the folder cannot take new files (created if missing, for
+    ``folder``). Stale temporaries of killed runs are removed from it. ``option`` names the
+    argument in the message."""
+    problem = path_problem(value, folder)
+    if problem:
+        raise UsageError(f"{option}: {problem}" if option else problem)
+    if not folder and is_stream(value):  # /dev/null, /dev/stdout, a FIFO: written in place
+        return
+    where = Path(value) if folder else Path(value).parent
+    if folder:
+        make_folder(where)
+    check_writable(where)
+    remove_stale_temporaries(where)
 
 
 def check_output_arguments(args: argparse.Namespace) -> None:
@@ -97,11 +125,17 @@ def output_formats(args: argparse.Namespace) -> list[str]:
 def prepare_output_dir(args: argparse.Namespace) -> None:
     """Before any work: --output-dir exists and takes new files (``OutputError`` naming it), and
     temporaries that killed runs left there are gone."""
-    if args.output_dir is None:
-        return
-    make_folder(args.output_dir)
-    check_writable(args.output_dir)
-    remove_stale_temporaries(args.output_dir)
+    if args.output_dir is not None:
+        check_output_target(args.output_dir, folder=True)
+
+
+def nothing_more_can_be_written(e: OutputError, previous: OutputError | None) -> bool:
+    """Whether a batch should stop after ``e``: standard output failed, the file system is
+    read-only, or the disk was full for two outputs in a row (the first may just have been too big
+    for what was left)."""
+    no_space = (errno.ENOSPC, errno.EDQUOT)
+    return (e.filename == "standard output" or e.errno == errno.EROFS
+            or (e.errno in no_space and previous is not None and previous.errno in no_space))
 
 
 def output_problem(args: argparse.Namespace, name: str) -> str | None:
@@ -115,8 +149,7 @@ def output_problem(args: argparse.Namespace, name: str) -> str | None:
         if path.is_dir():
             return f"output {printable(path)} is a folder; it is not replaced"
     if path.parent != folder:
-        in_the_way = next((p for p in [path.parent, *path.parent.parents] if os.path.lexists(p) and not p.is_dir()),
-                          None)
+        in_the_way = file_in_the_way(path.parent)
         if in_the_way is not None:
             return f"cannot create the folder {printable(path.parent)}: {printable(in_the_way)} is a file, not a folder"
         remove_stale_temporaries(path.parent)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import tempfile
 import traceback
@@ -12,8 +11,8 @@ from pathlib import Path
 
 from ..fileio import OutputError
 from ._shared import (UsageError, add_decoding_arguments, add_model_arguments, add_output_arguments,
-                      check_output_arguments, emit, failure_line, load_cli_model, output_formats, output_problem,
-                      prepare_output_dir, transcribe_options)
+                      check_output_arguments, emit, failure_line, load_cli_model, nothing_more_can_be_written,
+                      output_formats, output_problem, prepare_output_dir, transcribe_options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 done, previous = done + 1, None
             except OutputError as e:
                 report(names[key], e)
-                if _hopeless(e, previous):
+                if nothing_more_can_be_written(e, previous):
                     results.close()
                     bar.write(f"stopping: nothing more can be written ({e.strerror}); "
                               f"{len(inputs) - done} input(s) not transcribed", file=sys.stderr)
@@ -121,14 +120,6 @@ def _output_names(pairs: list[tuple[str, str | None]], args: argparse.Namespace)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return names
-
-
-def _hopeless(e: OutputError, previous: OutputError | None) -> bool:
-    """Nothing more can be written: standard output failed, the file system is read-only, or the
-    disk was full for two inputs in a row (the first may just have been too big for what was left)."""
-    no_space = (errno.ENOSPC, errno.EDQUOT)
-    return (e.filename == "standard output" or e.errno == errno.EROFS
-            or (e.errno in no_space and previous is not None and previous.errno in no_space))
 
 
 def _sources(inputs: list[str], tmp: Path, names: dict[int, str], out_names: list[str] | None,
