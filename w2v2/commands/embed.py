@@ -66,7 +66,7 @@ def run(args) -> int:
             "frame_shift": repr(frame_shift(model)), "receptive_field": repr(receptive_field(model))}
     done, failed, previous = [], 0, None
     bar = tqdm(total=len(items), unit="file", disable=not args.progress or None, file=sys.stderr)
-    for e in embed(model, items, layers=layers, pool=args.pool, batch_size=args.batch_size):
+    for seen, e in enumerate(embed(model, items, layers=layers, pool=args.pool, batch_size=args.batch_size), 1):
         bar.update(1)
         if not e.ok:
             failed += 1
@@ -82,7 +82,7 @@ def run(args) -> int:
                 tqdm.write(f"w2v2 embed: error: {e.item.name}: {err}", file=sys.stderr)
                 if nothing_more_can_be_written(err, previous):
                     tqdm.write(f"w2v2 embed: stopping: nothing more can be written ({err.strerror})", file=sys.stderr)
-                    failed += len(items) - bar.n  # not embedded
+                    failed += len(items) - seen  # not embedded
                     break
                 previous = err
     bar.close()
