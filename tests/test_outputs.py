@@ -370,6 +370,9 @@ def test_other_commands_refuse_output_paths_that_cannot_work_before_any_work(tin
             "--out: {file}/e.tsv: {file} is a file, not a folder",
         ("evaluate", "--model", model, "--data", str(manifest), "--out", str(folder)): "--out: {folder} is a folder, not a file",
         ("lm", str(text), str(folder)): "OUT.arpa: {folder} is a folder, not a file",
+        ("export", model, str(file)): "out_dir: {file} is a file, not a folder",
+        ("probe", "--model", model, "--data", str(manifest), "--split-by", "utterance", "--label-column", "speaker",
+         "--json", str(folder)): "--json: {folder} is a folder, not a file",
         ("lm", str(text), str(file / "x.arpa")): "OUT.arpa: {file}/x.arpa: {file} is a file, not a folder",
     }
     for argv, expected in runs.items():
