@@ -283,6 +283,15 @@ def test_full_standard_output_is_named_and_stops_the_batch(tiny_model_dir, clips
                           "2 of 2 input(s) failed"]
 
 
+def test_closed_standard_output_is_one_line_before_any_work(tiny_model_dir, clips):
+    """`w2v2 transcribe clip >&-`: Python starts with no sys.stdout at all."""
+    proc = subprocess.run(f"'{sys.executable}' -m w2v2 transcribe '{clips[0]}' --model '{tiny_model_dir}' >&-",
+                          shell=True, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "w2v2 transcribe: error: cannot write to standard output: it is closed"], proc.stderr
+
+
 def test_temporaries_of_killed_runs_are_removed_from_the_output_folders(tiny_model_dir, clips, tmp_path):
     from w2v2.fileio import _host
 

@@ -124,9 +124,11 @@ def output_formats(args: argparse.Namespace) -> list[str]:
 
 def prepare_output_dir(args: argparse.Namespace) -> None:
     """Before any work: --output-dir exists and takes new files (``OutputError`` naming it), and
-    temporaries that killed runs left there are gone."""
+    temporaries that killed runs left there are gone; without it, standard output is open."""
     if args.output_dir is not None:
         check_output_target(args.output_dir, folder=True)
+    elif sys.stdout is None:  # started with its descriptor closed (`>&-`)
+        raise OutputError(errno.EBADF, "it is closed", "standard output", "cannot write to")
 
 
 def nothing_more_can_be_written(e: OutputError, previous: OutputError | None) -> bool:
