@@ -27,36 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audio import audio_duration, is_url, list_audio_files
+    from ..audio import audio_duration, is_url
     from ..transcribe import Transcriber
 
     check_output_arguments(args)
     if args.skip_existing and args.output_dir is None:
         raise ValueError("--skip-existing needs --output-dir")
-    found = [(item, list_audio_files([item])) for item in args.inputs]
-    pairs = [(f, None if files == [item] else item) for item, files in found for f in files]  # (input, its folder)
-    if not pairs:
-        raise ValueError(f"no audio or video files found in {' '.join(args.inputs)}")
-    empty_dirs = [item for item, files in found if not files]
-    for folder in empty_dirs:  # a failure too, but the other inputs go on
-        print(f"{folder}: no audio or video files in this directory", file=sys.stderr)
-    failures = len(empty_dirs)
-    total_inputs = len(pairs) + len(empty_dirs)
-    inputs, out_names = [f for f, _ in pairs], _output_names(pairs, args)
-    prepare_output_dir(args)
-    if args.output_dir is not None:  # outputs that cannot be written fail before any work
-        problems = {i: output_problem(args, out_names[i]) for i in range(len(inputs)) if not is_url(inputs[i])}
-        for i, problem in problems.items():
-            if problem:
-                print(failure_line(inputs[i], ValueError(problem)), file=sys.stderr)
-        failures += sum(map(bool, problems.values()))
-        keep = [i for i in range(len(inputs)) if not problems.get(i)]
-        inputs, out_names = [inputs[i] for i in keep], [out_names[i] for i in keep]
-    if args.skip_existing:
-        todo = [i for i in range(len(inputs)) if not _outputs_exist(inputs[i], out_names[i], args)]
-        if len(todo) < len(inputs):
-            print(f"skipping {len(inputs) - len(todo)} input(s) whose outputs exist", file=sys.stderr)
-        inputs, out_names = [inputs[i] for i in todo], [out_names[i] for i in todo]
+    inputs, out_names, failures, total_inputs = _plan(args)
     if not inputs:
         return _summary(failures, total_inputs)
     options = transcribe_options(args)
@@ -96,6 +73,37 @@ def run(args: argparse.Namespace) -> int:
                     break
                 previous = e
     return _summary(failures, total_inputs)
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], list[str], int, int]:
+    """Before any work: (inputs to transcribe, the name of each one's outputs, inputs failed already,
+    inputs in all). Folders are expanded; an empty folder, or an input whose outputs cannot be
+    written, fails here; with --skip-existing, inputs whose outputs exist are left out."""
+    from ..audio import is_url, list_audio_files
+
+    found = [(item, list_audio_files([item])) for item in args.inputs]
+    pairs = [(f, None if files == [item] else item) for item, files in found for f in files]  # (input, its folder)
+    if not pairs:
+        raise ValueError(f"no audio or video files found in {' '.join(args.inputs)}")
+    empty_dirs = [item for item, files in found if not files]
+    for folder in empty_dirs:  # a failure too, but the other inputs go on
+        print(f"{folder}: no audio or video files in this directory", file=sys.stderr)
+    inputs, out_names = [f for f, _ in pairs], _output_names(pairs, args)
+    prepare_output_dir(args)
+    keep = range(len(inputs))
+    if args.output_dir is not None:
+        problems = {i: output_problem(args, out_names[i]) for i in keep if not is_url(inputs[i])}
+        for i, problem in problems.items():
+            if problem:
+                print(failure_line(inputs[i], ValueError(problem)), file=sys.stderr)
+        keep = [i for i in keep if not problems.get(i)]
+    failures = len(empty_dirs) + len(inputs) - len(keep)
+    if args.skip_existing:
+        todo = [i for i in keep if not _outputs_exist(inputs[i], out_names[i], args)]
+        if len(todo) < len(keep):
+            print(f"skipping {len(keep) - len(todo)} input(s) whose outputs exist", file=sys.stderr)
+        keep = todo
+    return [inputs[i] for i in keep], [out_names[i] for i in keep], failures, len(pairs) + len(empty_dirs)
 
 
 def _summary(failures: int, total: int) -> int:
