@@ -6,7 +6,9 @@ and the target is untouched. Used by the output writers and by training checkpoi
 (``with atomic_open(path, "wb") as f: torch.save(state, f)``).
 
 ``atomic_write_files`` writes several files all or nothing (an input's txt, srt, json...). Any
-failure raises ``OutputError``, naming the target (or its folder), never the temporary.
+failure raises ``OutputError``, naming the target (or its folder), never the temporary. A target
+that is a character device or a FIFO (``/dev/null``, a pipe) is written in place, and a symbolic
+link is followed: neither is ever replaced by a file.
 
 A temporary is named ``.<target name>.<random>.<pid>@<host>.tmp``. A writer killed before it
 could clean up leaves one behind; ``remove_stale_temporaries(folder)`` removes those whose
@@ -19,10 +21,10 @@ Checksums: ``write_checksums(dir)`` records the SHA-256 of a directory's files i
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
-import errno
 import os
 import re
 import secrets
@@ -58,7 +60,7 @@ def _fsync_dir(directory: Path) -> None:
 
 # ---------------------------------------------------------------------------- temporaries
 _NAME_BYTES = 120  # of the target's name kept in its temporary's name: the whole stays under NAME_MAX (255)
-# ours: .<name>.<8 mkstemp characters>.<pid>@<host>.tmp; older versions wrote .<name>.<8 characters>.tmp
+# ours: .<name>.<8 random characters>.<pid>@<host>.tmp; older versions wrote .<name>.<8 characters>.tmp
 _OURS = re.compile(r"\..+\.[a-z0-9_]{8}\.(\d+)@([A-Za-z0-9-]+)\.tmp")
 _LEGACY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 # A temporary lives for one write: data streams in and it is renamed or removed at once. One left
@@ -107,10 +109,11 @@ def _writer_is_gone(folder: str | os.PathLike, name: str, mtime: float) -> bool:
         except OSError:  # e.g. another user's process: alive
             return False
         return False  # alive (or its pid reused since: kept until that process ends too)
+    old = time.time() - mtime > STALE_AFTER_SECONDS
     if ours:
-        return time.time() - mtime > STALE_AFTER_SECONDS
+        return old
     legacy = _LEGACY.fullmatch(name)  # a common pattern: only beside the file it was for
-    return bool(legacy) and os.path.lexists(os.path.join(folder, legacy[1])) and time.time() - mtime > STALE_AFTER_SECONDS
+    return old and bool(legacy) and os.path.lexists(os.path.join(folder, legacy[1]))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

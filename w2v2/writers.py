@@ -16,6 +16,9 @@ Naming in a batch (``output_names``): an input named directly is written as ``<s
 file found in a folder given as input keeps its place under that folder (``in/a/talk.flac`` ->
 ``<output_dir>/a/talk.<fmt>``); inputs that would share a name keep their extension
 (``talk.flac.txt``, ``talk.wav.txt``); any clash left is refused before any work.
+
+Subtitle cues follow ``decoding.segments.subtitle_cues``: no cue flashes by (at least 1 s where
+the neighbours leave room, short ones merged into a near neighbour), lines of at most 42 characters.
 """
 
 from __future__ import annotations

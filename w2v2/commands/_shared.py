@@ -93,7 +93,9 @@ def path_problem(value: str, folder: bool) -> str | None:
     in_the_way = file_in_the_way(path if folder else path.parent)
     if in_the_way is None:
         return None
-    return f"{value} is a file, not a folder" if in_the_way == path else f"{value}: {in_the_way} is a file, not a folder"
+    if in_the_way == path:
+        return f"{value} is a file, not a folder"
+    return f"{value}: {in_the_way} is a file, not a folder"
 
 
 def check_output_target(value: str, folder: bool = False, option: str | None = None) -> None:
@@ -146,8 +148,9 @@ def output_problem(args: argparse.Namespace, name: str) -> str | None:
     folder = Path(args.output_dir)
     for fmt in output_formats(args):
         path = folder / f"{name}.{fmt}"
-        if len(os.fsencode(path.name)) > _name_max(folder):
-            return f"output name {printable(path)} is too long for the file system ({len(os.fsencode(path.name))} bytes)"
+        size = len(os.fsencode(path.name))
+        if size > _name_max(folder):
+            return f"output name {printable(path)} is too long for the file system ({size} bytes)"
         if path.is_dir():
             return f"output {printable(path)} is a folder; it is not replaced"
     if path.parent != folder:
@@ -165,7 +168,8 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-def emit(result: dict, name: str, args: argparse.Namespace, header: bool = False, output_name: str | None = None) -> None:
+def emit(result: dict, name: str, args: argparse.Namespace, header: bool = False,
+         output_name: str | None = None) -> None:
     """Write ``result`` for input ``name`` to --output-dir as ``output_name`` (default: its stem), every
     format all or nothing; or print it (with a header line if asked). ``OutputError`` if it cannot be."""
     if args.output_dir is not None:
