@@ -17,15 +17,18 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import soundfile as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import read_manifest
 from w2v2.cli import main
-from w2v2.writers import WRITERS, WriteJSON
+from w2v2.writers import WRITERS, WriteJSON, output_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FORMATS = list(WRITERS)
@@ -420,3 +423,68 @@ def test_lm_on_a_full_device_is_one_line(tmp_path, capsys):
     assert main(["lm", str(text), str(full)]) == 1
     assert error_lines(capsys) == [f"w2v2 lm: error: cannot write {full}: No space left on device"]
     assert not full.is_file()
+
+
+# ---------------------------------------------------------------------------- random layouts
+@pytest.fixture(scope="module")
+def one_second(clips, tmp_path_factory):
+    """One second of real speech, as float32 samples (written as each example's inputs)."""
+    audio, sr = sf.read(clips[0], dtype="float32")
+    return audio[:sr], sr
+
+
+OBSTACLES = [None, "an output is a folder", "-o is a file", "-o is below a file", "a subfolder is a file"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.tuples(st.sampled_from(["", "a", "a/b"]), st.sampled_from(["talk", "Talk", "x" * 200]),
+                                st.sampled_from([".wav", ".flac"])), min_size=1, max_size=4, unique=True),
+       as_folder=st.booleans(), fmt=st.sampled_from(["txt", "json", "all"]), obstacle=st.sampled_from(OBSTACLES))
+def test_random_layouts_lose_no_transcript(tiny_model_dir, one_second, files, as_folder, fmt, obstacle, capsys):
+    """Random input trees, given as one folder or as files, with an obstacle on the output side:
+    exit 0, 1 or 2, never an internal error; refused (2): nothing written; else every input has
+    all its formats under its own name or one line naming it, and no temporary is left."""
+    root = Path(tempfile.mkdtemp(prefix="w2v2-layout-"))
+    try:
+        inputs = []
+        for folder, stem, ext in files:
+            path = root / "in" / folder / f"{stem}{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, *one_second)
+            inputs.append(path)
+        out, placed = root / "out", False
+        if obstacle == "-o is a file":
+            out.write_text("x")
+        elif obstacle == "-o is below a file":
+            (root / "file").write_text("x")
+            out = root / "file" / "out"
+        elif obstacle == "an output is a folder":  # where the first input's output goes, if the names do not clash
+            with contextlib.suppress(ValueError):
+                name = output_names([(os.fspath(p), os.fspath(root / "in") if as_folder else None) for p in inputs])[0]
+                (out / f"{name}.{'txt' if fmt == 'all' else fmt}").mkdir(parents=True)
+                placed = True
+        elif obstacle == "a subfolder is a file":
+            out.mkdir()
+            (out / "a").write_text("x")
+        before = sorted(p for p in root.rglob("*") if p.is_file())
+        argv = [root / "in"] if as_folder else inputs
+        try:
+            status = cli(*argv, "--model", tiny_model_dir, "-f", fmt, "-o", out)
+        except SystemExit as e:  # argparse: -o cannot be a folder
+            status = e.code
+        err = capsys.readouterr().err
+        assert status in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, err
+        written = sorted(p for p in root.rglob("*") if p.is_file() and p not in before)
+        assert not [p for p in written if p.name.endswith(".tmp")], written
+        if status == 2:
+            assert written == [], err
+            return
+        per_input = len(FORMATS) if fmt == "all" else 1
+        failed = [p for p in inputs if any(line.startswith(f"{p}: ") for line in err.splitlines())]
+        assert len(written) == per_input * (len(inputs) - len(failed)), (err, written)
+        assert status == (1 if failed else 0), err
+        in_a = as_folder and any(folder.startswith("a") for folder, _, _ in files)  # mirrored below out/a
+        if obstacle == "an output is a folder" and placed or obstacle == "a subfolder is a file" and in_a:
+            assert failed, err
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
