@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 from tests.conftest import longest_clip, read_manifest
-from tests.test_writers import parse_cues
+from tests.test_writers import check_cues, parse_cues
 from w2v2.audio import SAMPLE_RATE, ffmpeg_exe, load_audio
 from w2v2.checkpoint import load_model
 from w2v2.cli import main
@@ -152,8 +152,7 @@ def test_cli_writes_every_format(tiny_model_dir, long_clip, short_clips, tmp_pat
         assert meta["model"]["name"] == str(tiny_model_dir) and meta["options"]["stride_seconds"] == 1.0
         for fmt, marker in (("srt", ","), ("vtt", ".")):
             cues = parse_cues((out / f"{stem}.{fmt}").read_text().removeprefix("WEBVTT\n\n"), marker)
-            assert [(round(a, 3), round(b, 3)) for a, b, _ in cues] == [
-                (s["start"], s["end"]) for s in result["segments"]]
+            check_cues(cues, result["segments"], duration)
         tsv = (out / f"{stem}.tsv").read_text().splitlines()
         assert tsv[0] == "start_ms\tend_ms\ttext" and len(tsv) == len(result["segments"]) + 1
         assert (out / f"{stem}.txt").read_text().split() == result["text"].split()
@@ -241,6 +240,22 @@ def test_default_model_transcribes_real_speech_and_says_what_it_is(short_clips, 
     result = json.loads((tmp_path / f"{Path(short_clips[0]).stem}.json").read_text())
     assert result["metadata"]["model"]["name"] == "default" and result["text"].strip()  # it says something, in letters
     assert set(result["text"]) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+
+
+def test_subtitles_of_real_speech_have_no_flashes(tmp_path, data_dir):
+    """Half a minute of real read speech through the default model (whose stray letters made cues
+    of 20 ms): every cue readable for a second unless boxed in, lines of 42 characters at most."""
+    folder = data_dir / "ljspeech-amateur"
+    rows = read_manifest(folder)[:4]
+    pause = np.zeros(int(0.7 * SAMPLE_RATE), np.float32)
+    audio = np.concatenate([part for r in rows for part in (load_audio(folder / r["path"]), pause)])
+    sf.write(tmp_path / "read.flac", audio, SAMPLE_RATE)
+    assert cli(tmp_path / "read.flac", "-f", "all", "-o", tmp_path) == 0
+    result = json.loads((tmp_path / "read.json").read_text())
+    for fmt, marker in (("srt", ","), ("vtt", ".")):
+        cues = parse_cues((tmp_path / f"read.{fmt}").read_text().removeprefix("WEBVTT\n\n"), marker)
+        check_cues(cues, result["segments"], result["metadata"]["duration"])
+        assert len(cues) <= len(result["segments"])
 
 
 def test_closed_stdout_is_a_quiet_exit_not_an_error(tiny_model_dir, short_clips):

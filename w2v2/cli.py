@@ -15,6 +15,7 @@ import sys
 
 from .commands._options import HelpFormatter
 from .errors import UserError
+from .fileio import OutputError
 
 # subcommand -> module under w2v2.commands and its one-line description (listed without importing it)
 COMMANDS = {
@@ -84,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user errors become one line; --debug shows the traceback
         if sub_args.debug:
             raise
-        if isinstance(e, (UserError, ValueError, FileNotFoundError, PermissionError, ImportError)):
+        if isinstance(e, (UserError, ValueError, FileNotFoundError, PermissionError, ImportError, OutputError)):
             print(f"w2v2 {args.command}: error: {e}", file=sys.stderr)
-            return 1
+            return getattr(e, "exit_status", 1)  # 2 for a usage error
         print(f"w2v2 {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

@@ -4,3 +4,9 @@
 
 class UserError(Exception):
     """An error caused by input the user can fix: printed as one line, no traceback."""
+
+
+class UsageError(UserError):
+    """Arguments that cannot work together: one line, exit status 2 (as argparse's own errors)."""
+
+    exit_status = 2

@@ -10,17 +10,27 @@ A result is a plain dict::
      "metadata": {...}}       # model name, options
 
 ``get_writer(fmt, output_dir)(result, audio_path)`` writes ``<output_dir>/<stem>.<fmt>``
-atomically and returns the path (a list of paths for ``"all"``).
+atomically and returns the path (a list of paths for ``"all"``, written all or nothing).
+
+Naming in a batch (``output_names``): an input named directly is written as ``<stem>.<fmt>``; a
+file found in a folder given as input keeps its place under that folder (``in/a/talk.flac`` ->
+``<output_dir>/a/talk.<fmt>``); inputs that would share a name keep their extension
+(``talk.flac.txt``, ``talk.wav.txt``); any clash left is refused before any work.
+
+Subtitle cues follow ``decoding.segments.subtitle_cues``: no cue flashes by (at least 1 s where
+the neighbours leave room, short ones merged into a near neighbour), lines of at most 42 characters.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .fileio import atomic_open
+from .decoding.segments import subtitle_cues
+from .fileio import atomic_open, atomic_write_files, make_folder
 
 
 def format_timestamp(seconds: float, decimal_marker: str = ".") -> str:
@@ -42,6 +52,59 @@ def output_stem(audio_path: str | os.PathLike) -> str:
     return Path(audio_path.rstrip("/")).stem or "output"
 
 
+def output_name(item: str, root: str | None = None) -> str:
+    """Name of an input's outputs without the format's extension, relative to the output folder:
+    its stem (``"stdin"`` for ``"-"``), or, for a file found in the folder ``root``, its path
+    under ``root`` without the extension (the subfolders are mirrored)."""
+    if root is None:
+        return output_stem(item)
+    return os.fspath(Path(os.path.relpath(item, root)).with_suffix(""))
+
+
+def output_names(items: list[tuple[str, str | None]]) -> list[str]:
+    """``output_name`` of each ``(input, root)``; inputs that would share a name keep their
+    extension in it (``talk.flac``, ``talk.wav``). ``ValueError`` naming two inputs that would
+    still write the same files."""
+    names = [output_name(item, root) for item, root in items]
+    shared = {n for n in names if names.count(n) > 1}
+    names = [_with_extension(item, root) if name in shared else name
+             for (item, root), name in zip(items, names)]
+    first: dict[str, str] = {}
+    for (item, _), name in zip(items, names):
+        if name in first:
+            raise ValueError(f"{first[name]} and {item} would both write {name}.* in the output folder; give "
+                             "their common folder as the input (its subfolders are mirrored) or run them separately")
+        first[name] = item
+    return names
+
+
+def _with_extension(item: str, root: str | None) -> str:
+    if item == "-":
+        return output_stem(item)
+    return os.fspath(Path(os.path.relpath(item, root))) if root is not None else Path(item.rstrip("/")).name
+
+
+def write_outputs(result: dict, output_dir: str | os.PathLike, name: str, formats: list[str]) -> list[Path]:
+    """Write ``result`` as ``<output_dir>/<name>.<fmt>`` for every format, all or nothing
+    (``fileio.atomic_write_files``); creates the folders ``name`` holds."""
+    paths = [Path(output_dir) / f"{name}.{fmt}" for fmt in formats]
+    make_folder(paths[0].parent)
+    atomic_write_files({path: functools.partial(WRITERS[fmt](output_dir).write_result, result)
+                        for path, fmt in zip(paths, formats)})
+    return paths
+
+
+def printable(name: str | os.PathLike) -> str:
+    """A path as text any stream can take: bytes of a name that are not UTF-8 show as ``\\udcxx``."""
+    return _escape_surrogates(os.fspath(name))
+
+
+def _escape_surrogates(text: str) -> str:
+    """Lone surrogates (from file names that are not UTF-8) as ``\\udcxx``, which UTF-8 cannot hold
+    but JSON reads back as the same string."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _one_line(text: str) -> str:
     """Collapse whitespace (newlines, tabs) so that a cue or a TSV row stays one line."""
     return " ".join(text.split())
@@ -54,7 +117,7 @@ class ResultWriter:
         self.output_dir = Path(output_dir)
 
     def __call__(self, result: dict, audio_path: str | os.PathLike) -> Path:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.output_dir)
         path = self.output_dir / f"{output_stem(audio_path)}.{self.extension}"
         with atomic_open(path, "w") as f:
             self.write_result(result, f)
@@ -80,15 +143,13 @@ class SubtitlesWriter(ResultWriter):
     decimal_marker: str
 
     def iterate_cues(self, result: dict) -> list[tuple[str, str, str]]:
-        """(start, end, text) for every segment with text."""
+        """(start, end, text) of every cue: segments with text, by the display rules of
+        ``decoding.segments.subtitle_cues`` (no flashes, lines of at most 42 characters)."""
+        duration = (result.get("metadata") or {}).get("duration")
         return [
-            (
-                format_timestamp(s["start"], self.decimal_marker),
-                format_timestamp(s["end"], self.decimal_marker),
-                _one_line(s["text"]).replace("-->", "->"),
-            )
-            for s in result.get("segments") or []
-            if s["text"].strip()
+            (format_timestamp(start, self.decimal_marker), format_timestamp(end, self.decimal_marker),
+             "\n".join(line.replace("-->", "->") for line in lines))
+            for start, end, lines in subtitle_cues(result.get("segments") or [], duration)
         ]
 
 
@@ -128,8 +189,7 @@ class WriteJSON(ResultWriter):
     extension = "json"
 
     def write_result(self, result: dict, file: TextIO) -> None:
-        json.dump(result, file, ensure_ascii=False, indent=2, default=_json_default)
-        file.write("\n")
+        file.write(_escape_surrogates(json.dumps(result, ensure_ascii=False, indent=2, default=_json_default)) + "\n")
 
 
 def _json_default(value):
@@ -153,12 +213,7 @@ WRITERS: dict[str, type[ResultWriter]] = {
 def get_writer(fmt: str, output_dir: str | os.PathLike) -> Callable[[dict, str], Path | list[Path]]:
     """A callable ``(result, audio_path)`` writing format ``fmt`` (or every format for ``"all"``)."""
     if fmt == "all":
-        writers = [cls(output_dir) for cls in WRITERS.values()]
-
-        def write_all(result: dict, audio_path: str | os.PathLike) -> list[Path]:
-            return [writer(result, audio_path) for writer in writers]
-
-        return write_all
+        return lambda result, audio_path: write_outputs(result, output_dir, output_stem(audio_path), list(WRITERS))
     if fmt not in WRITERS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of: {', '.join([*WRITERS, 'all'])}")
     return WRITERS[fmt](output_dir)

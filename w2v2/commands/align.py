@@ -7,7 +7,7 @@ import os
 import tempfile
 
 from ._shared import (add_model_arguments, add_output_arguments, check_output_arguments, emit, load_cli_model,
-                      transcribe_options)
+                      prepare_output_dir, transcribe_options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_arguments(args)
     transcript = _read_transcript(args.transcript)
+    prepare_output_dir(args)
     options = transcribe_options(args)
     model = load_cli_model(args)
     transcriber = Transcriber(model, options, model_name=args.model or "default")

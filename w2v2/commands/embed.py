@@ -29,9 +29,9 @@ from safetensors.numpy import save as st_save
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, atomic_write_text
+from ..fileio import OutputError, atomic_write_bytes, atomic_write_files, make_folder
 from ._options import add_shared
-from ._shared import load_cli_model
+from ._shared import check_output_target, load_cli_model, nothing_more_can_be_written
 
 
 def add_arguments(parser) -> None:
@@ -58,13 +58,15 @@ def run(args) -> int:
     items = resolve_inputs(args.inputs)
     if not items:
         raise UserError(f"no audio files found in {' '.join(args.inputs)}")
+    check_output_target(args.output_dir or args.output, folder=args.output_dir is not None,
+                        option="--output-dir" if args.output_dir else "--output")
     model = load_cli_model(args, with_quantizer=False)
     layers = resolve_layers(args.layers, model.config.num_hidden_layers)
     meta = {"model": args.model or "default", "layers": json.dumps(layers), "pool": args.pool,
             "frame_shift": repr(frame_shift(model)), "receptive_field": repr(receptive_field(model))}
-    done, failed = [], 0
+    done, failed, previous = [], 0, None
     bar = tqdm(total=len(items), unit="file", disable=not args.progress or None, file=sys.stderr)
-    for e in embed(model, items, layers=layers, pool=args.pool, batch_size=args.batch_size):
+    for seen, e in enumerate(embed(model, items, layers=layers, pool=args.pool, batch_size=args.batch_size), 1):
         bar.update(1)
         if not e.ok:
             failed += 1
@@ -72,7 +74,17 @@ def run(args) -> int:
         elif args.output:
             done.append(e)
         else:
-            write_one(e, Path(args.output_dir), args.format, meta)
+            try:
+                write_one(e, Path(args.output_dir), args.format, meta)
+                previous = None
+            except OutputError as err:  # this input only, unless nothing more can be written
+                failed += 1
+                tqdm.write(f"w2v2 embed: error: {e.item.name}: {err}", file=sys.stderr)
+                if nothing_more_can_be_written(err, previous):
+                    tqdm.write(f"w2v2 embed: stopping: nothing more can be written ({err.strerror})", file=sys.stderr)
+                    failed += len(items) - seen  # not embedded
+                    break
+                previous = err
     bar.close()
     if args.output and done:
         done.sort(key=lambda e: e.index)
@@ -89,7 +101,7 @@ def write_one(e, out_dir: Path, fmt: str, meta: dict) -> Path:
     path = out_dir / f"{e.item.key}.{fmt}"
     if not path.resolve().is_relative_to(out_dir.resolve()):  # keys are made relative; never write elsewhere
         raise ValueError(f"{e.item.name}: output name {e.item.key!r} leaves the output directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     if fmt == "safetensors":
         tensors = {"features": e.features}
         if e.frame_times is not None:
@@ -98,13 +110,14 @@ def write_one(e, out_dir: Path, fmt: str, meta: dict) -> Path:
         return path
     buf = io.BytesIO()
     np.save(buf, e.features)
-    atomic_write_bytes(path, buf.getvalue())
     side = {k: (json.loads(v) if k in ("layers", "num_frames", "frame_shift", "receptive_field") else v)
             for k, v in meta.items()}
     side["shape"] = list(e.features.shape)
     if e.frame_times is not None:
         side["frame_times"] = [round(float(t), 6) for t in e.frame_times]
-    atomic_write_text(path.with_suffix(".json"), json.dumps(side, indent=1) + "\n")
+    text = json.dumps(side, indent=1) + "\n"
+    atomic_write_files({path: lambda f: f.write(buf.getvalue()),  # both files or neither
+                        path.with_suffix(".json"): lambda f: f.write(text.encode())}, mode="wb")
     return path
 
 

@@ -57,6 +57,10 @@ def build_engine(args):
 def run(args) -> int:
     from ..evaluate import evaluate, format_table, read_utterances, write_errors
 
+    if args.out:  # before any work: a path that can never be written, or a folder that takes no files
+        from ._shared import check_output_target
+
+        check_output_target(args.out, folder=len(args.data) > 1, option="--out")
     engine = build_engine(args)
     rows = []
     for manifest in args.data:

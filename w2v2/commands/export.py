@@ -28,6 +28,9 @@ def export(checkpoint: str, out_dir: str, fp16: bool = False, keep_quantizer: bo
 
 
 def run(args) -> int:
+    from ._shared import check_output_target
+
+    check_output_target(args.out_dir, folder=True, option="out_dir")  # before loading anything
     out = export(args.checkpoint, args.out_dir, fp16=args.fp16, keep_quantizer=args.keep_quantizer)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..decoding import build_ngram_lm
+    from ._shared import check_output_target
 
+    check_output_target(args.out, option="OUT.arpa")
     path = build_ngram_lm(args.text, args.out, order=args.order, case=None if args.case == "keep" else args.case)
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -64,7 +64,11 @@ def load_split(args) -> tuple[list[dict], list[dict], dict]:
 def run(args) -> int:
     from ..embed import rows_to_items
     from ..probe import Panel, chance_accuracy, format_table, plot_accuracy, pooled_features, probe_layers
+    from ._shared import check_output_target
 
+    for option, path in (("--json", args.json), ("--plot", args.plot)):  # before any work
+        if path:
+            check_output_target(path, option=option)
     train_rows, test_rows, info = load_split(args)
     for name, rows in (("training", train_rows), ("test", test_rows)):
         if not rows:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._shared import (add_decoding_arguments, add_model_arguments, add_output_arguments, check_output_arguments,
-                      emit, failure_line, load_cli_model, transcribe_options)
+from ..fileio import OutputError
+from ._shared import (UsageError, add_decoding_arguments, add_model_arguments, add_output_arguments,
+                      check_output_arguments, emit, failure_line, load_cli_model, nothing_more_can_be_written,
+                      output_formats, output_problem, prepare_output_dir, transcribe_options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,27 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audio import audio_duration, is_url, list_audio_files
+    from ..audio import audio_duration, is_url
     from ..transcribe import Transcriber
 
     check_output_arguments(args)
     if args.skip_existing and args.output_dir is None:
         raise ValueError("--skip-existing needs --output-dir")
-    inputs = list_audio_files(args.inputs)
+    inputs, out_names, failures, total_inputs = _plan(args)
     if not inputs:
-        raise ValueError(f"no audio or video files found in {' '.join(args.inputs)}")
-    empty_dirs = [i for i in args.inputs if os.path.isdir(i) and not list_audio_files([i])]
-    for folder in empty_dirs:  # a failure too, but the other inputs go on
-        print(f"{folder}: no audio or video files in this directory", file=sys.stderr)
-    failures = len(empty_dirs)
-    if args.skip_existing:
-        todo = [i for i in inputs if not _outputs_exist(i, args)]
-        if len(todo) < len(inputs):
-            print(f"skipping {len(inputs) - len(todo)} input(s) whose outputs exist", file=sys.stderr)
-        inputs = todo
-        if not inputs:
-            return 1 if failures else 0
-    _warn_same_names(inputs, args)
+        return _summary(failures, total_inputs)
     options = transcribe_options(args)
     model = load_cli_model(args)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
@@ -54,29 +43,101 @@ def run(args: argparse.Namespace) -> int:
     total = None if None in durations else sum(durations)
     with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp, _progress(total) as bar:
         names: dict[int, str] = {}  # input index -> name its outputs are called after
+        done = 0
 
         def report(name: str, exc: BaseException) -> None:
-            nonlocal failures
+            nonlocal failures, done
             failures += 1
+            done += 1
             if args.debug and exc.__traceback__ is not None:
                 bar.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
             bar.write(failure_line(name, exc), file=sys.stderr)
 
-        sources = _sources(inputs, Path(tmp), names, report)
-        for key, result in transcriber.transcribe_many(sources, on_progress=lambda _, s: bar.update(s)):
+        sources = _sources(inputs, Path(tmp), names, out_names if args.output_dir else None, report)
+        results = transcriber.transcribe_many(sources, on_progress=lambda _, s: bar.update(s))
+        previous = None  # the last write's failure, if it failed
+        for key, result in results:
             if isinstance(result, BaseException):
                 report(inputs[key], result)
                 continue
-            emit(result, names[key], args, header=len(inputs) > 1)
+            try:
+                emit(result, names[key], args, header=len(inputs) > 1, output_name=out_names[key])
+                done, previous = done + 1, None
+            except OutputError as e:
+                report(names[key], e)
+                if nothing_more_can_be_written(e, previous):
+                    results.close()
+                    bar.write(f"stopping: nothing more can be written ({e.strerror}); "
+                              f"{len(inputs) - done} input(s) not transcribed", file=sys.stderr)
+                    failures += len(inputs) - done
+                    break
+                previous = e
+    return _summary(failures, total_inputs)
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], list[str], int, int]:
+    """Before any work: (inputs to transcribe, the name of each one's outputs, inputs failed already,
+    inputs in all). Folders are expanded; an empty folder, or an input whose outputs cannot be
+    written, fails here; with --skip-existing, inputs whose outputs exist are left out."""
+    from ..audio import is_url, list_audio_files
+
+    found = [(item, list_audio_files([item])) for item in args.inputs]
+    pairs = [(f, None if files == [item] else item) for item, files in found for f in files]  # (input, its folder)
+    if not pairs:
+        raise ValueError(f"no audio or video files found in {' '.join(args.inputs)}")
+    empty_dirs = [item for item, files in found if not files]
+    for folder in empty_dirs:  # a failure too, but the other inputs go on
+        print(f"{folder}: no audio or video files in this directory", file=sys.stderr)
+    inputs, out_names = [f for f, _ in pairs], _output_names(pairs, args)
+    prepare_output_dir(args)
+    keep = range(len(inputs))
+    if args.output_dir is not None:
+        problems = {i: output_problem(args, out_names[i]) for i in keep if not is_url(inputs[i])}
+        for i, problem in problems.items():
+            if problem:
+                print(failure_line(inputs[i], ValueError(problem)), file=sys.stderr)
+        keep = [i for i in keep if not problems.get(i)]
+    failures = len(empty_dirs) + len(inputs) - len(keep)
+    if args.skip_existing:
+        todo = [i for i in keep if not _outputs_exist(inputs[i], out_names[i], args)]
+        if len(todo) < len(keep):
+            print(f"skipping {len(keep) - len(todo)} input(s) whose outputs exist", file=sys.stderr)
+        keep = todo
+    return [inputs[i] for i in keep], [out_names[i] for i in keep], failures, len(pairs) + len(empty_dirs)
+
+
+def _summary(failures: int, total: int) -> int:
     if failures:
-        print(f"{failures} of {len(inputs) + len(empty_dirs)} input(s) failed", file=sys.stderr)
+        print(f"{failures} of {total} input(s) failed", file=sys.stderr)
     return 1 if failures else 0
 
 
-def _sources(inputs: list[str], tmp: Path, names: dict[int, str], report) -> Iterator[tuple[int, str]]:
-    """(index, path) per input; URLs are downloaded when their turn comes (a failure is reported)."""
-    from ..audio import download_url, is_url
+def _output_names(pairs: list[tuple[str, str | None]], args: argparse.Namespace) -> list[str]:
+    """Name of each input's outputs under --output-dir (``writers.output_names``); a clash is a usage
+    error, found before any work."""
+    from ..audio import is_url
+    from ..writers import output_names
 
+    names = [""] * len(pairs)  # URLs: named when downloaded (``_sources``)
+    if args.output_dir is None:
+        return names
+    files = [i for i, (item, _) in enumerate(pairs) if not is_url(item)]
+    try:
+        for i, name in zip(files, output_names([pairs[i] for i in files])):
+            names[i] = name
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return names
+
+
+def _sources(inputs: list[str], tmp: Path, names: dict[int, str], out_names: list[str] | None,
+             report) -> Iterator[tuple[int, str]]:
+    """(index, path) per input; URLs are downloaded when their turn comes (a failure is reported).
+    A download's outputs are named after the file it gave, unless another input has that name."""
+    from ..audio import download_url, is_url
+    from ..writers import output_stem
+
+    taken = {n for item, n in zip(inputs, out_names or []) if not is_url(item)}
     for i, item in enumerate(inputs):
         if is_url(item):
             try:
@@ -84,6 +145,13 @@ def _sources(inputs: list[str], tmp: Path, names: dict[int, str], report) -> Ite
             except Exception as e:
                 report(item, e)
                 continue
+            if out_names is not None:
+                out_names[i] = output_stem(path)
+                if out_names[i] in taken:
+                    report(item, ValueError(f"downloaded as {Path(path).name}, whose outputs {out_names[i]}.* another "
+                                            "input of this run writes; transcribe it in a separate run"))
+                    continue
+                taken.add(out_names[i])
             names[i] = path
             yield i, path
         else:
@@ -91,29 +159,12 @@ def _sources(inputs: list[str], tmp: Path, names: dict[int, str], report) -> Ite
             yield i, item
 
 
-def _outputs_exist(item: str, args: argparse.Namespace) -> bool:
+def _outputs_exist(item: str, name: str, args: argparse.Namespace) -> bool:
     from ..audio import is_url
-    from ..writers import WRITERS, output_stem
 
     if item == "-" or is_url(item):
         return False
-    exts = list(WRITERS) if args.format == "all" else [args.format]
-    stem = output_stem(item)
-    return all((Path(args.output_dir) / f"{stem}.{ext}").exists() for ext in exts)
-
-
-def _warn_same_names(inputs: list[str], args: argparse.Namespace) -> None:
-    from ..writers import output_stem
-
-    if args.output_dir is None:
-        return
-    seen: dict[str, str] = {}
-    for item in inputs:
-        stem = output_stem(item)
-        if stem in seen:
-            print(f"warning: {seen[stem]} and {item} both write {stem}.* in {args.output_dir}; the later one wins",
-                  file=sys.stderr)
-        seen[stem] = item
+    return all((Path(args.output_dir) / f"{name}.{fmt}").exists() for fmt in output_formats(args))
 
 
 def _duration(audio_duration, path: str) -> float | None:

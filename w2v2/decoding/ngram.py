@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from w2v2.fileio import atomic_write_text
 from w2v2.text import normalize_text
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -116,7 +117,7 @@ def write_arpa(path: str | Path, probs: list[Table], backoffs: list[Table]) -> N
                 line += f"\t{math.log10(backoffs[k - 1].get(g, 1.0)):.6f}"
             lines.append(line)
     lines += ["", "\\end\\", ""]
-    Path(path).write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines))  # a full disk or a kill leaves no half model
 
 
 def build_ngram_lm(
