@@ -317,12 +317,25 @@ class _AttentionTrain(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- convolution
+def _amx_unsafe(x: Tensor, in_per_group: int) -> bool:
+    """Whether a bf16 CPU convolution with ``in_per_group`` input channels per group must run in
+    float32 instead: oneDNN's AMX bf16 convolution (oneDNN 3.12, PyTorch 2.13) returns wrong sums
+    (errors of the order of the outputs themselves) for an even number of input channels per group
+    below 16 with 64 or more products per output (tests/test_fast_paths.py checks the shapes). Such
+    convolutions are small, so float32 costs little; the result is rounded back to bfloat16."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and in_per_group < 16
+
+
 def conv_time(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int = 1, padding: int = 0,
               groups: int = 1, gelu: bool = False) -> Tensor:
     """1-D convolution over time of channels-last data, x: (batch, time, channels) -> contiguous
     (batch, time', out_channels), with ``w`` from :func:`conv_weight`: (out, in/groups, 1, kernel)
     in channels-last memory runs as a 2-D convolution of height 1 without any transpose (oneDNN on
     the CPU); (out, in/groups, kernel) runs as a channels-first ``conv1d`` between two transposes."""
+    if _amx_unsafe(x, w.shape[1]):
+        y = conv_time(x.float(), w.float(), None if b is None else b.float(), stride=stride, padding=padding,
+                      groups=groups, gelu=gelu)
+        return y.to(x.dtype)
     if w.dim() == 3:
         y = F.conv1d(x.transpose(1, 2).contiguous(), w, b, stride=stride, padding=padding, groups=groups)
         return (F.gelu(y) if gelu else y).transpose(1, 2).contiguous()
@@ -476,9 +489,11 @@ class _GroupedConvTrain(torch.autograd.Function):
             xp = F.pad(x.transpose(1, 2), (p, p))  # (batch, in, time + 2p)
             xq = xp.reshape(bsz, g, cg, -1).permute(2, 1, 0, 3).reshape(cg, g * bsz, 1, -1)
             wq = grad.permute(2, 0, 1).unsqueeze(2)  # (out, batch, 1, time')
+            if _amx_unsafe(xq, bsz):  # the utterances are this convolution's input channels per group
+                xq, wq = xq.float(), wq.float()
             dw = F.conv2d(xq.contiguous(memory_format=torch.channels_last),
                           wq.contiguous(memory_format=torch.channels_last), groups=g)  # (in/g, out, 1, kernel)
-            dw = dw.squeeze(2).permute(1, 0, 2).contiguous()
+            dw = dw.squeeze(2).permute(1, 0, 2).contiguous().to(w.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = grad.sum((0, 1))  # accumulates in float32 (see _OneDNNLinear)
         return dx, dw, db, None, None
