@@ -258,8 +258,11 @@ def test_set_precision_validates_and_resolves(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
     assert model.compute_dtype == torch.float32
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
-    assert model.compute_dtype == (torch.bfloat16 if torch.backends.mkldnn.is_available()
-                                   and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32)
+    for cap, native in (("", True), ("AVX512_CORE_AMX", True), ("avx512_core_bf16", True), ("AVX512_CORE", False),
+                        ("AVX2", False)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)  # oneDNN capped below bf16 emulates it: fp32 is faster
+        assert model.compute_dtype == (torch.bfloat16 if native and torch.backends.mkldnn.is_available()
+                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32), cap
 
 
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])

@@ -1,7 +1,8 @@
 """Numeric precision of a model's computation: ``"fp32"``, ``"bf16"``, or ``"auto"``.
 
 ``"auto"`` picks bfloat16 where the hardware multiplies it natively (CUDA GPUs with bf16
-support; x86 CPUs with AMX-BF16 or AVX512-BF16) and float32 elsewhere. Parameters always stay
+support; x86 CPUs with AMX-BF16 or AVX512-BF16, unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below
+them) and float32 elsewhere. Parameters always stay
 float32 (state dicts and training are unaffected); in bfloat16 mode the model computes on
 bfloat16 copies of its weights, cached until the weights change.
 """
@@ -9,6 +10,7 @@ bfloat16 copies of its weights, cached until the weights change.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +18,9 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) below AVX512_CORE_BF16: oneDNN then
+# emulates bf16 products, several times slower than float32, whatever the CPU has
+ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 def check_precision(name: str) -> str:
@@ -44,8 +49,9 @@ def fast_bf16(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return (bool(cpu_bf16_flags()) and torch.backends.mkldnn.is_available()
-                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+        return (bool(cpu_bf16_flags()) and cap.strip().upper() not in ONEDNN_CAPS_WITHOUT_BF16
+                and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     return False
 
 
