@@ -8,7 +8,7 @@ value by (1 + d) with |d| <= u; bfloat16 keeps 8 significant bits, u = 2^-8 (flo
 
 * One product of bf16 operands of length k, accumulated in float32 in any order (AMX tiles,
   AVX512-BF16 dot products, AVX512 or AVX2 emulation) and rounded to bf16, is exact up to
-  ``gamma_k * sum|a||b| + u * |a.b|`` with gamma_k = k u32 / (1 - k u32): a rigorous bound
+  ``gamma_k (1 + u) sum|a||b| + u |a.b|`` with gamma_k = k u32 / (1 - k u32): a rigorous bound
   (:func:`dot_error_bound`) for operands held in bf16 and compared with float64 arithmetic.
 * A whole network rounds every activation and weight to bf16 along a chain of ``stages`` (a conv
   layer, the projection, the positional conv, an attention or feed-forward block, the head), at
@@ -76,8 +76,9 @@ def dot_error_bound(abs_products: torch.Tensor, k: int, result: torch.Tensor | N
     shape), ``k`` the reduction length, ``result`` the exact a.b when the output is rounded to a
     format of unit roundoff ``u_out`` (None: kept in float32)."""
     gamma = k * FP32_U / (1 - k * FP32_U)
-    bound = gamma * abs_products
-    return bound if result is None else bound + u_out * result.abs()
+    if result is None:
+        return gamma * abs_products
+    return gamma * (1 + u_out) * abs_products + u_out * result.abs()  # the sum's error, then rounded once
 
 
 def model_stages(cfg) -> int:
