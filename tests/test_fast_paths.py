@@ -18,6 +18,8 @@ from .helpers import (
     dot_error_bound,
     hidden_error_bound,
     logit_error_bound,
+    model_stages,
+    network_relative_error,
     within,
 )
 from .test_parity import normalized, perturb, save_hf
@@ -235,6 +237,25 @@ def test_bf16_convolution_within_rounding_bound(cin, groups, kernel):
     mag = F.conv1d(xt.abs(), w.double().abs(), b.double().abs(), padding=kernel // 2, groups=groups).transpose(1, 2)
     ok, ratio = within((y.double() - ref).abs(), dot_error_bound(mag, cin * kernel + 1, ref))
     assert ok, f"convolution error {ratio:.2f}x the bound"
+
+
+@pytest.mark.bf16
+def test_bf16_positional_conv_gradient_within_error_model():
+    """The positional convolution's weight gradient in bf16 training against float32: a backward
+    pass is a second chain of as many stages, so relative to its norm the gradient stays within the
+    error model's bound for twice the model's stages. Four utterances: the utterances are that
+    gradient convolution's input channels per group, the shape oneDNN's AMX kernel got wrong."""
+    grads = {}
+    for prec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        cfg = tiny(vocab_size=12, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                   feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0)
+        model = w2v2.build_model(cfg).train().set_precision(prec)
+        perturb(model)
+        model(torch.randn(4, 16000, generator=torch.Generator().manual_seed(1))).logits.float().pow(2).mean().backward()
+        grads[prec] = model.encoder.pos_conv_embed.conv.parametrizations.weight.original1.grad
+    rel = ((grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()).item()
+    assert rel <= network_relative_error(2 * model_stages(cfg)), rel
 
 
 @pytest.mark.bf16
