@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -143,6 +144,8 @@ def to_fairseq(state: dict[str, torch.Tensor], group: bool) -> dict[str, torch.T
 
 
 def fairseq_model_cfg(norm: str) -> dict:
+    """The options fairseq's Wav2Vec2Config holds for the tiny config (the ones w2v2 reads, and some
+    it must check)."""
     c = config.tiny()
     return dict(
         _name="wav2vec2", extractor_mode="default" if norm == "group" else "layer_norm",
@@ -151,47 +154,143 @@ def fairseq_model_cfg(norm: str) -> dict:
         encoder_attention_heads=c.num_attention_heads, layer_norm_first=norm == "layer", conv_pos=c.num_conv_pos_embeddings,
         conv_pos_groups=c.num_conv_pos_embedding_groups, latent_vars=c.num_codevectors_per_group,
         latent_groups=c.num_codevector_groups, latent_dim=c.codevector_dim, final_dim=c.proj_codevector_dim,
+        activation_fn="gelu", dropout=0.1, encoder_layerdrop=0.05, feature_grad_mult=0.1, logit_temp=0.1,
     )
 
 
+def fairseq_checkpoint(layout: str, state: dict, norm: str = "layer", finetuned: bool = False,
+                       **model_options) -> dict:
+    """A checkpoint dict laid out as fairseq's checkpoint_utils.save_state wrote it in each era:
+
+    * ``args`` (fairseq <= 0.10, to October 2020): one flat argparse Namespace of every model and
+      task option; a fine-tuned model's ``args.w2v_args`` is the pretrained model's flat Namespace.
+    * ``dictconfig`` (hydra, October 2020 to March 2021): ``cfg`` a pickled omegaconf DictConfig
+      with ``model`` and ``task`` sections; a fine-tuned model's ``cfg.model.w2v_args`` is the
+      pretrained model's cfg.
+    * ``dictconfig-namespace``: a DictConfig whose fine-tuned ``w2v_args`` is still the flat Namespace
+      of an older pretrained model (fairseq's convert_namespace_to_omegaconf lets Namespaces in).
+    * ``dict`` (from March 2021): ``cfg`` as OmegaConf.to_container wrote it, plain dicts.
+    """
+    normalize = norm == "layer"
+    pre_model = {**fairseq_model_cfg(norm), **({} if finetuned else model_options)}
+    pre_task = {"_name": "audio_pretraining", "normalize": normalize, "sample_rate": 16000, "labels": None}
+    flat = argparse.Namespace(**{k: v for k, v in pre_model.items() if k != "_name"}, arch="wav2vec2",
+                              task="audio_pretraining", normalize=normalize, sample_rate=16000, lr=[0.0005])
+    if layout == "args":
+        if finetuned:
+            flat = argparse.Namespace(arch="wav2vec_ctc", task="audio_pretraining", normalize=normalize,
+                                      w2v_path="/pretrained/checkpoint_best.pt", w2v_args=flat, **model_options)
+        return {"args": flat, "model": state, "optimizer_history": [], "extra_state": {"epoch": 3}}
+    pre_cfg = {"_name": None, "common": {"fp16": True}, "model": pre_model, "task": pre_task,
+               "optimization": {"lr": [0.0005], "max_update": 400000}}
+    if finetuned:
+        w2v_args = flat if layout == "dictconfig-namespace" else pre_cfg
+        cfg = {"_name": None, "model": {"_name": "wav2vec_ctc", "w2v_path": "/pretrained/checkpoint_best.pt",
+                                        "normalize": normalize, "w2v_args": w2v_args, **model_options},
+               "task": {**pre_task, "labels": "ltr"}, "optimization": {"lr": [3e-5]}}
+    else:
+        cfg = pre_cfg
+    if layout.startswith("dictconfig"):
+        omegaconf = pytest.importorskip("omegaconf")
+        cfg = omegaconf.OmegaConf.create(cfg, flags={"allow_objects": True})
+        omegaconf.OmegaConf.set_struct(cfg, True)
+    return {"cfg": cfg, "args": None, "model": state, "optimizer_history": [], "extra_state": {"epoch": 3}}
+
+
+def fairseq_finetuned_state(model) -> dict:
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
+    state = {"w2v_encoder.w2v_model." + k: v for k, v in to_fairseq(body, model.config.feat_extract_norm == "group").items()}
+    state["w2v_encoder.proj.weight"] = model.lm_head.weight.detach()
+    state["w2v_encoder.proj.bias"] = model.lm_head.bias.detach()
+    return state
+
+
+def fairseq_normalized(x: torch.Tensor) -> torch.Tensor:
+    """What fairseq's audio dataset feeds a normalize=True model: a layer norm over each waveform."""
+    return torch.stack([torch.nn.functional.layer_norm(w, w.shape) for w in x])
+
+
+LAYOUTS = ["args", "dictconfig", "dictconfig-namespace", "dict"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("norm", ["group", "layer"])
-def test_fairseq_pretrained_checkpoint(tmp_path, norm):
+def test_fairseq_pretrained_checkpoint_each_layout(tmp_path, layout, norm):
     cfg = config.tiny(feat_extract_norm=norm, conv_bias=norm == "layer", do_stable_layer_norm=norm == "layer",
                       do_normalize=norm == "layer")
     ours = w2v2.build_model(cfg, with_quantizer=True).eval()
-    ckpt = {"cfg": {"model": fairseq_model_cfg(norm), "task": {"normalize": norm == "layer"}},
-            "model": to_fairseq(ours.state_dict(), norm == "group")}
-    torch.save(ckpt, tmp_path / "ckpt.pt")
+    torch.save(fairseq_checkpoint(layout, to_fairseq(ours.state_dict(), norm == "group"), norm), tmp_path / "ckpt.pt")
     loaded = w2v2.load_model(tmp_path / "ckpt.pt")
     assert loaded.config.do_normalize == (norm == "layer")
+    assert loaded.config.normalize_eps == convert.FAIRSEQ_NORMALIZE_EPS
     assert_same_state(ours.state_dict(), loaded.state_dict())
 
 
-def test_fairseq_finetuned_checkpoint_old_args_and_dict(tmp_path):
-    ours = ctc_model()
-    state = {("w2v_encoder.proj." + k.split(".")[-1]) if k.startswith("lm_head.") else "w2v_encoder.w2v_model." + k: v
-             for k, v in to_fairseq({k: v for k, v in ours.state_dict().items() if not k.startswith("lm_head")}, True).items()}
-    state["w2v_encoder.proj.weight"] = ours.lm_head.weight.detach()
-    state["w2v_encoder.proj.bias"] = ours.lm_head.bias.detach()
-    args = argparse.Namespace(w2v_args={"model": fairseq_model_cfg("group"), "task": {"normalize": True}})
-    torch.save({"args": args, "model": state}, tmp_path / "ft.pt")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fairseq_finetuned_checkpoint_each_layout_gets_fairseq_normalisation(tmp_path, layout):
+    ours = ctc_model("layer")
+    perturb(ours, 0.3)  # conv biases away from 0: otherwise the feature encoder ignores the input's scale
+    torch.save(fairseq_checkpoint(layout, fairseq_finetuned_state(ours), "layer", finetuned=True), tmp_path / "ft.pt")
     (tmp_path / "dict.ltr.txt").write_text("".join(f"{t} {100 - i}\n" for i, t in enumerate(VOCAB.tokens[4:])))
     loaded = w2v2.load_model(tmp_path / "ft.pt")
-    assert loaded.vocab == VOCAB
+    assert loaded.vocab == VOCAB and loaded.config.do_normalize
     assert_same_state(ours.state_dict(), loaded.state_dict())
-    x = torch.randn(1, 5000)
+    # quiet audio (about -40 dB), where the normalisation's eps matters: fairseq's layer norm, eps 1e-5
+    x = torch.randn(2, 6000) * 0.003
+    plain = w2v2.build_model(ours.config.replace(do_normalize=False), vocab=VOCAB, init=False).eval()
+    plain.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        assert torch.equal(loaded(x).logits, ours(x).logits)
+        want = plain(fairseq_normalized(x)).logits
+        got = loaded(x).logits
+        hf_style = ours(x).logits  # transformers' x / sqrt(var + 1e-7)
+    err, hf_err = (got - want).abs().max().item(), (hf_style - want).abs().max().item()
+    assert err < 1e-4
+    assert hf_err > 100 * 1e-4  # the check tells the two normalisations apart
+
+
+def test_fairseq_legacy_serialization(tmp_path):
+    """fairseq checkpoints written with torch < 1.6 are not zip archives."""
+    ours = ctc_model("group")
+    torch.save(fairseq_checkpoint("args", fairseq_finetuned_state(ours), "group", finetuned=True), tmp_path / "ft.pt",
+               _use_new_zipfile_serialization=False)
+    (tmp_path / "dict.ltr.txt").write_text("".join(f"{t} 1\n" for t in VOCAB.tokens[4:]))
+    assert_same_state(ours.state_dict(), w2v2.load_model(tmp_path / "ft.pt").state_dict())
+
+
+@pytest.mark.parametrize("option, value", [("activation_fn", "relu"), ("crop_seq_to_multiple", 4),
+                                           ("pos_conv_depth", 5), ("layer_type", "conformer"),
+                                           ("extractor_mode", "fancy"), ("blank_weight", 2.0)])
+@pytest.mark.parametrize("layout", ["args", "dict"])
+def test_fairseq_options_w2v2_does_not_compute_are_refused_by_name(tmp_path, option, value, layout):
+    ours = ctc_model("group")
+    finetuned = option == "blank_weight"
+    state = fairseq_finetuned_state(ours) if finetuned else to_fairseq(ours.state_dict(), True)
+    torch.save(fairseq_checkpoint(layout, state, "group", finetuned=finetuned, **{option: value}), tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=rf"c\.pt: fairseq option {option}={value!r} is not supported"):
+        w2v2.load_model(tmp_path / "c.pt")
+
+
+def test_dictconfig_checkpoint_without_omegaconf_says_what_to_install(tmp_path, monkeypatch):
+    ours = w2v2.build_model(config.tiny(), with_quantizer=True)
+    torch.save(fairseq_checkpoint("dictconfig", to_fairseq(ours.state_dict(), True), "group"), tmp_path / "c.pt")
+    for name in [m for m in sys.modules if m == "omegaconf" or m.startswith("omegaconf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "omegaconf", None)  # import omegaconf -> ImportError
+    with pytest.raises(CheckpointError, match=r"c\.pt: .*pip install omegaconf"):
+        w2v2.load_model(tmp_path / "c.pt")
 
 
 class NotAllowed:  # a class outside the allow-list must never be unpickled
-    pass
+    def __reduce__(self):
+        return (print, ("this ran",))
 
 
-def test_fairseq_unpicklable_payload_rejected(tmp_path):
+def test_fairseq_unpicklable_payload_rejected(tmp_path, capsys):
     torch.save({"model": {}, "args": NotAllowed()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: not a safe weights file") as e:
         w2v2.load_model(tmp_path / "evil.pt")
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    assert "this ran" not in capsys.readouterr().out
 
 
 def test_config_in_checkpoint(tmp_path):

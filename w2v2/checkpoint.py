@@ -7,9 +7,13 @@ preprocessor_config.json), so anything we write loads in transformers and vice v
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import pickle
 import re
+import typing
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from . import convert
-from .config import ModelConfig
+from .config import AUDIO_RATE, ModelConfig
 from .fileio import atomic_write_bytes, atomic_write_text, verify_checksums
 from .model import Wav2Vec2, build_model
 from .vocab import Vocabulary
@@ -31,6 +35,13 @@ RUN_DIR_MODELS = ("best", "checkpoint_last")
 LIBRISPEECH_LETTERS = ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D",
                        "L", "U", "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z")
 
+
+# Suffixes of a fairseq/PyTorch checkpoint file; with the others a name is taken for a local path
+# (never for a Hugging Face id) when nothing is there.
+FAIRSEQ_SUFFIXES = (".pt", ".pth", ".ckpt")
+LOCAL_SUFFIXES = FAIRSEQ_SUFFIXES + (".bin", ".safetensors", ".json")
+MAX_JSON_BYTES = 64 << 20  # config, vocabulary and preprocessor files are kilobytes
+MAX_NESTING = 32  # of a fairseq checkpoint's options
 
 DEFAULT_MODEL_CARD = "w2v2_default.json"  # in DEFAULT_MODEL_DIR: what the model is and how well it does
 
@@ -62,8 +73,10 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     path = _resolve(source)
     if path.is_dir():
         model = _load_hf_dir(path)
-    elif path.suffix in (".pt", ".pth", ".ckpt"):
+    elif path.suffix in FAIRSEQ_SUFFIXES:
         model = _load_fairseq(path)
+    elif (path.parent / "config.json").is_file():
+        raise CheckpointError(f"{path}: a file of a model directory; pass the directory ({path.parent}) instead")
     else:
         raise CheckpointError(f"{path}: not a model directory or a fairseq .pt checkpoint")
     if with_quantizer is False:
@@ -120,9 +133,24 @@ def _resolve(source) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         return _run_dir_model(path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
-        return _download(str(source))
-    raise CheckpointError(f"{source}: no such file or directory (and not a Hugging Face id like org/name)")
+    if os.path.lexists(path):  # a dangling link or a loop: say which
+        try:
+            os.stat(path)
+        except OSError as e:
+            raise CheckpointError(f"{source}: {os.strerror(e.errno)} (a symbolic link that leads nowhere)") from None
+    text = str(source)
+    if not _looks_local(text):
+        return _download(text)
+    raise CheckpointError(f"{source}: no such file or directory")
+
+
+def _looks_local(text: str) -> bool:
+    """Whether a name that does not exist is a mistyped local path rather than a Hugging Face id:
+    anything but ``org/name``, a name starting with ``.``, ``~`` or ``/``, a checkpoint or weights
+    file suffix, or a first component that is a local directory (``runs/typo``)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "~", "/")):
+        return True
+    return text.lower().endswith(LOCAL_SUFFIXES) or Path(text.split("/")[0]).is_dir()
 
 
 def _run_dir_model(path: Path) -> Path:
@@ -148,8 +176,9 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as e:  # network, auth, offline mode, missing repo: one clear line
         raise CheckpointError(
-            f"{repo_id}: cannot download from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            f"Offline? Download it elsewhere and pass the local directory instead."
+            f"{repo_id}: no such local file or directory, and cannot download it from the Hugging Face Hub "
+            f"({type(e).__name__}: {_first_line(e)}). Offline? Download it elsewhere and pass the local directory "
+            f"instead."
         ) from e
 
 
@@ -158,21 +187,38 @@ def _load_hf_dir(path: Path) -> Wav2Vec2:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face-layout model directory)")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from e
+    hf_cfg = _read_json(cfg_path)
     cfg = convert.config_from_hf(hf_cfg, source=str(cfg_path))
     pre = path / "preprocessor_config.json"
     if pre.exists():
-        cfg = cfg.replace(do_normalize=bool(json.loads(pre.read_text()).get("do_normalize", True)))
+        cfg = _with_preprocessor(cfg, _read_json(pre), pre)
     raw = _read_weights(path)
-    arch = (hf_cfg.get("architectures") or ["?"])[0]
+    archs = hf_cfg.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else "?"
     if arch == "Wav2Vec2Model" or not any(k.startswith("wav2vec2.") for k in raw):
         raw = {"wav2vec2." + k: v for k, v in raw.items()}
     state = convert.hf_to_ours(raw, source=str(path))
-    vocab = Vocabulary.load(path / "vocab.json") if (path / "vocab.json").exists() else None
+    vocab = None
+    if (path / "vocab.json").exists():
+        try:
+            vocab = Vocabulary.from_json(_read_json(path / "vocab.json"), path / "vocab.json")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
     return _build_from_state(cfg, state, vocab, str(path))
+
+
+def _with_preprocessor(cfg: ModelConfig, pre: object, path: Path) -> ModelConfig:
+    """The feature extractor's settings that change the model's input: normalisation and the rate."""
+    if not isinstance(pre, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(pre).__name__}")
+    normalize = pre.get("do_normalize", True)
+    if not isinstance(normalize, bool):
+        raise CheckpointError(f"{path}: do_normalize must be true or false, got {normalize!r}")
+    rate = pre.get("sampling_rate", AUDIO_RATE)
+    if rate != AUDIO_RATE:
+        raise CheckpointError(f"{path}: the model takes audio at sampling_rate {rate!r}; w2v2 reads all audio at "
+                              f"{AUDIO_RATE} Hz")
+    return cfg.replace(do_normalize=normalize)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -183,97 +229,277 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         verify_checksums(path, names=["config.json", st.name, index.name, binf.name])
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    try:
-        if st.exists():
-            return load_file(str(st))
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            out = {}
-            for s in shards:
-                out.update(load_file(str(path / s)))
-            return out
-        if binf.exists():
-            return torch.load(binf, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupted or truncated weights ({type(e).__name__}: {e})") from e
+    if st.exists():
+        return _read_safetensors(st)
+    if index.exists():
+        listing = _read_json(index)
+        weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(s, str) and s and Path(s).name == s for s in weight_map.values()):
+            raise CheckpointError(f"{index}: expected a weight_map of tensor names to shard files in this directory")
+        out = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(_read_safetensors(path / shard))
+        return out
+    if binf.exists():
+        state = _torch_load(binf)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{binf}: not a state dict (names -> tensors)")
+        return state
+    if (path / "pytorch_model.bin.index.json").exists():
+        raise CheckpointError(f"{path}: sharded pytorch_model-*.bin weights are not supported; convert them to "
+                              f"safetensors (transformers: save_pretrained(..., safe_serialization=True))")
     raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; its header is checked against the file's size before any is read."""
+    _regular_file(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupted or truncated weights ({_first_line(e)})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
 def _build_from_state(cfg: ModelConfig, state: dict, vocab: Vocabulary | None, source: str) -> Wav2Vec2:
+    """The model for ``cfg`` holding ``state``. It is laid out on the meta device (no memory) and
+    checked against the weights' shapes first, so that a config that does not match its weights
+    (a typo, or a hostile file asking for a million layers) is refused before anything is allocated;
+    the loaded tensors then become the parameters (no second copy)."""
     has_head = "lm_head.weight" in state
     has_quantizer = "quantizer.codevectors" in state
-    if has_head:
-        n = state["lm_head.weight"].shape[0]
-        if vocab is not None and len(vocab) != n:
-            raise CheckpointError(f"{source}: vocab.json has {len(vocab)} tokens but the CTC head has {n} outputs")
-        cfg = cfg.replace(vocab_size=n)
-    else:
-        cfg = cfg.replace(vocab_size=None)
-    model = build_model(cfg, with_quantizer=has_quantizer, vocab=vocab if has_head else None, init=False)
-    expected = set(model.state_dict())
-    if "masked_spec_embed" not in state:  # CTC checkpoints saved with mask_time_prob=0 have none
-        state["masked_spec_embed"] = model.masked_spec_embed.detach().clone()
-    convert.check_keys(expected, set(state), source)
+    try:
+        if has_head:
+            n = state["lm_head.weight"].shape[0]
+            if vocab is not None and len(vocab) != n:
+                raise CheckpointError(f"{source}: vocab.json has {len(vocab)} tokens but the CTC head has {n} outputs")
+            cfg = cfg.replace(vocab_size=n)
+        else:
+            cfg = cfg.replace(vocab_size=None)
+    except ValueError as e:  # a head of 0 or of millions of outputs
+        raise CheckpointError(f"{source}: {e}") from e
+    _check_layer_counts(cfg, state, source)
+    with torch.device("meta"):
+        model = build_model(cfg, with_quantizer=has_quantizer, vocab=vocab if has_head else None, init=False)
+    expected = model.state_dict()
+    convert.check_keys(set(expected), set(state) | {"masked_spec_embed"}, source)
     for k, v in state.items():
-        want = model.state_dict()[k].shape
-        if v.shape != want:
-            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the config implies {tuple(want)}")
-    model.load_state_dict(state, strict=True)
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the config implies "
+                                  f"{tuple(expected[k].shape)}")
+        if not v.is_floating_point():
+            raise CheckpointError(f"{source}: {k} holds {v.dtype} values, expected floating point weights")
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: {k} holds NaN or infinite values; such a model outputs nothing "
+                                  f"meaningful (a diverged training run?)")
+    state = {k: v.to(torch.float32) for k, v in state.items()}
+    if "masked_spec_embed" not in state:  # CTC checkpoints saved with mask_time_prob=0 have none
+        state["masked_spec_embed"] = torch.empty(cfg.hidden_size).uniform_()
+    model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def _check_layer_counts(cfg: ModelConfig, state: dict, source: str) -> None:
+    """The numbers of Transformer and conv layers the weights hold must be the config's: the only
+    config values that cost memory even on the meta device."""
+    for what, prefix, want in (("Transformer layers", "encoder.layers.", cfg.num_hidden_layers),
+                               ("conv layers", "feature_extractor.conv_layers.", len(cfg.conv_dim))):
+        found = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+        if found != set(range(want)):
+            raise CheckpointError(f"{source}: the config asks for {want} {what} but the weights hold "
+                                  f"{len(found)}" + ("" if found == set(range(len(found))) else
+                                                     f" (numbered {sorted(found)[:8]}...)"))
+
+
+# --------------------------------------------------------------------------- safe reading
+def _regular_file(path: Path) -> Path:
+    """``path`` when it is a regular file: a FIFO would block, a device would never end."""
+    try:
+        if path.is_file():
+            return path
+        path.stat()
+    except OSError as e:
+        raise CheckpointError(f"{path}: {os.strerror(e.errno) if e.errno else e}") from None
+    raise CheckpointError(f"{path}: not a regular file")
+
+
+def _read_json(path: Path) -> object:
+    """A small JSON file; every failure is one line naming the file."""
+    _regular_file(path)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a settings file")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    except ValueError as e:  # JSONDecodeError, and numbers too long to convert
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
+
+
+def _torch_load(path: Path, allowed: list | None = None) -> object:
+    """``torch.load`` with ``weights_only=True`` (plus the ``allowed`` classes), so that no code in the
+    file runs. A zip archive (what torch.save writes) is checked first: what its directory declares
+    must fit in the file, so that nothing is inflated to more memory than the file's size; its
+    tensors are then mapped, not read, and only those used are read (not an optimizer's state)."""
+    _regular_file(path)
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        _check_zip(path)
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        name = found.group(1) if found else None
+        if name and name.startswith("omegaconf.") and not _has_omegaconf():
+            raise CheckpointError(f"{path}: its options are an omegaconf DictConfig (fairseq of 2020-2021); "
+                                  f"pip install omegaconf to read them") from None
+        raise CheckpointError(f"{path}: not a safe weights file: it holds pickled "
+                              f"{name or 'objects'} beyond tensors and plain data, which loading could run as "
+                              f"code; refused") from None
+    except Exception as e:  # truncation and corruption surface as many exception types
+        raise CheckpointError(f"{path}: corrupted or truncated ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _check_zip(path: Path) -> None:
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: corrupted or truncated ({type(e).__name__}: {_first_line(e)})") from e
+    packed = [i.filename for i in entries if i.compress_type != zipfile.ZIP_STORED]
+    if packed:  # torch.save stores; an entry that inflates could be of any size
+        raise CheckpointError(f"{path}: {packed[0]} is compressed, which torch.save never does; refused "
+                              f"(unpacking it could take unbounded memory)")
+    declared = sum(i.file_size for i in entries)
+    if declared > size:
+        raise CheckpointError(f"{path}: its zip directory declares {declared} bytes of contents in a {size}-byte "
+                              f"file; refused")
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # --------------------------------------------------------------------------- fairseq
 def _load_fairseq(path: Path) -> Wav2Vec2:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint with weights_only=True "
-                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    model_cfg, task_cfg = _fairseq_cfg(ckpt)
-    finetuned = "w2v_args" in model_cfg or any(k.startswith("w2v_encoder.") for k in ckpt["model"])
-    if finetuned:
-        w2v = model_cfg.get("w2v_args") or {}
-        w2v = vars(w2v) if isinstance(w2v, argparse.Namespace) else w2v
-        inner_model = w2v.get("model", w2v)
-        inner_task = w2v.get("task", w2v)
-        cfg, norm = convert.config_from_fairseq({**inner_model, "normalize": inner_task.get("normalize", False)})
-    else:
-        cfg, norm = convert.config_from_fairseq({**model_cfg, "normalize": task_cfg.get("normalize", False)})
-    cfg = cfg.replace(do_normalize=norm)
-    state = convert.fairseq_to_ours(ckpt["model"], source=str(path))
+    ckpt = _torch_load(path, _fairseq_globals())
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry of weights)")
+    weights = ckpt["model"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state dict (names -> tensors)")
+    model_cfg, normalize = _fairseq_options(ckpt, weights, path)
+    cfg = convert.config_from_fairseq(model_cfg, normalize, source=str(path))
+    state = convert.fairseq_to_ours(weights, source=str(path))
+    state = {k: v.clone() for k, v in state.items()}  # out of the mapped file: it may change later
     vocab = None
     if "lm_head.weight" in state:
         vocab = _fairseq_vocab(path, state["lm_head.weight"].shape[0])
     return _build_from_state(cfg, state, vocab, str(path))
 
 
-def _fairseq_cfg(ckpt: dict) -> tuple[dict, dict]:
+def _fairseq_globals() -> list:
+    """What fairseq pickled besides tensors, all plain data: argparse Namespaces (``args``, to
+    October 2020) and, when omegaconf is installed, the parts of an omegaconf DictConfig (``cfg``,
+    October 2020 to March 2021; later fairseq saves a plain dict). Allowing a class lets the
+    unpickler build it from data; no function named in the file is called."""
+    allowed = [argparse.Namespace]
+    try:
+        from omegaconf import DictConfig, ListConfig
+        from omegaconf.base import ContainerMetadata, Metadata
+        from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
+    except ImportError:
+        return allowed
+    return allowed + [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, FloatNode,
+                      IntegerNode, StringNode, typing.Any, dict, list, int, collections.defaultdict]
+
+
+def _fairseq_options(ckpt: dict, weights: dict, path: Path) -> tuple[dict, bool]:
+    """(options of the wav2vec 2.0 model, whether its input is normalised) from every layout
+    fairseq wrote: ``args`` (a flat argparse Namespace; a fine-tuned model's ``w2v_args`` is another
+    one), or ``cfg`` (a DictConfig, later a dict, with ``model`` and ``task`` sections; a fine-tuned
+    model's ``model.w2v_args`` is the pretrained model's cfg, or a flat Namespace)."""
     if ckpt.get("cfg") is not None:
-        cfg = ckpt["cfg"]
-        return dict(cfg.get("model") or {}), dict(cfg.get("task") or {})
-    args = ckpt.get("args")
-    if args is not None:
-        d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-        return d, d
-    return {}, {}
+        top = _plain(ckpt["cfg"], path)
+        model = top.get("model") if isinstance(top, dict) else None
+        task = top.get("task") if isinstance(top, dict) else None
+    elif ckpt.get("args") is not None:
+        model = task = _plain(ckpt["args"], path)  # one flat namespace
+    else:
+        raise CheckpointError(f"{path}: neither 'cfg' nor 'args': the checkpoint does not say its architecture")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: its options have no model section")
+    task = task if isinstance(task, dict) else {}
+    if "w2v_args" in model or any(k.startswith("w2v_encoder.") for k in weights):
+        convert.check_fairseq_options(model, convert.FAIRSEQ_FIXED_CTC, str(path))
+        inner = model.get("w2v_args")
+        if not isinstance(inner, dict):
+            raise CheckpointError(f"{path}: a fine-tuned checkpoint without the pretrained model's options "
+                                  f"(w2v_args)")
+        nested = isinstance(inner.get("model"), dict)  # a cfg with sections, or one flat namespace
+        inner_model = inner["model"] if nested else inner
+        inner_task = (inner.get("task") if isinstance(inner.get("task"), dict) else {}) if nested else inner
+        # fairseq refuses to fine-tune with another normalisation than pretraining's
+        normalize = task.get("normalize", inner_task.get("normalize", model.get("normalize", False)))
+        return inner_model, normalize
+    return model, task.get("normalize", False)
+
+
+def _plain(obj: object, path: Path, depth: int = 0) -> object:
+    """fairseq options as dicts and lists: argparse Namespaces and omegaconf containers unpacked
+    (interpolations are left as written: nothing is evaluated)."""
+    if depth > MAX_NESTING:
+        raise CheckpointError(f"{path}: its options are nested more than {MAX_NESTING} deep")
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    elif type(obj).__module__.split(".")[0] == "omegaconf":
+        from omegaconf import OmegaConf
+        obj = OmegaConf.to_container(obj, resolve=False)
+    if isinstance(obj, dict):
+        return {k: _plain(v, path, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, path, depth + 1) for v in obj]
+    return obj
 
 
 def _fairseq_vocab(path: Path, size: int) -> Vocabulary:
     """fairseq keeps the letter dictionary beside the checkpoint (dict.ltr.txt): specials first."""
     d = path.parent / "dict.ltr.txt"
     if d.exists():
-        letters = [line.split()[0] for line in d.read_text(encoding="utf-8").splitlines() if line.strip()]
-        tokens = ("<pad>", "<s>", "</s>", "<unk>") + tuple(letters)
-    elif size == len(LIBRISPEECH_LETTERS):
-        tokens = LIBRISPEECH_LETTERS
-    else:
-        raise CheckpointError(f"{path}: fine-tuned checkpoint with {size} outputs needs its dict.ltr.txt beside it")
-    if len(tokens) != size:
-        raise CheckpointError(f"{d}: {len(tokens)} tokens but the CTC head has {size} outputs")
-    return Vocabulary(tokens)
+        _regular_file(d)
+        try:
+            lines = d.read_bytes().decode("utf-8").splitlines()
+            tokens = ("<pad>", "<s>", "</s>", "<unk>") + tuple(line.split()[0] for line in lines if line.strip())
+            vocab = Vocabulary(tokens)
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot read ({e.strerror or e})") from e
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{d}: not UTF-8 text (byte {e.start})") from e
+        except ValueError as e:
+            raise CheckpointError(f"{d}: {e}") from e
+        if len(vocab) != size:
+            raise CheckpointError(f"{d}: {len(vocab)} tokens but the CTC head has {size} outputs")
+        return vocab
+    if size == len(LIBRISPEECH_LETTERS):
+        return Vocabulary(LIBRISPEECH_LETTERS)
+    raise CheckpointError(f"{path}: fine-tuned checkpoint with {size} outputs needs its dict.ltr.txt beside it")
 
 
 # --------------------------------------------------------------------------- atomic writes

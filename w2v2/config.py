@@ -48,30 +48,23 @@ class ModelConfig:
     proj_codevector_dim: int = 256
     # CTC head: present when vocab_size is set.
     vocab_size: int | None = None
-    # Input normalisation applied by the model itself (zero mean, unit variance per utterance).
+    # Input normalisation applied by the model itself: zero mean, unit variance per utterance,
+    # (x - mean) / sqrt(var + normalize_eps). transformers' feature extractor uses 1e-7; fairseq
+    # applies F.layer_norm over the waveform, whose eps is 1e-5 (it matters on quiet audio).
     do_normalize: bool = True
+    normalize_eps: float = 1e-7
     sampling_rate: int = 16000
 
     def __post_init__(self) -> None:
+        problems = check_fields(ModelConfig, dataclasses.asdict(self), "")
+        if problems:  # wrong types first: the range checks below would fail on them with TypeErrors
+            raise ValueError("; ".join(problems))
         self.conv_dim = tuple(self.conv_dim)
         self.conv_kernel = tuple(self.conv_kernel)
         self.conv_stride = tuple(self.conv_stride)
-        if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
-            raise ValueError(
-                f"conv_dim, conv_kernel and conv_stride must have the same length, got "
-                f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
-            )
-        if self.feat_extract_norm not in ("group", "layer"):
-            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
-        if self.codevector_dim % self.num_codevector_groups:
-            raise ValueError(
-                f"codevector_dim {self.codevector_dim} is not divisible by "
-                f"num_codevector_groups {self.num_codevector_groups}"
-            )
+        problems = _range_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def frame_stride(self) -> int:
@@ -94,12 +87,77 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Build from a dict, ignoring unknown keys (so a full HF config.json works)."""
+        """Build from a dict, ignoring unknown keys (so a full HF config.json works). Raises
+        ValueError naming every field of the wrong type or out of range."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of model options, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Bounds that no wav2vec 2.0 model comes near (XLS-R 2B: 48 layers, 1920 wide, FFN 7680): a config
+# outside them is a typo or a hostile file, refused before anything is allocated for it.
+MAX_LAYERS = 1024
+MAX_CONV_LAYERS = 64
+MAX_WIDTH = 1 << 16  # conv channels, hidden size, codevector sizes
+MAX_FFN = 1 << 18
+MAX_KERNEL = 4096  # conv kernels, strides and the positional convolution's kernel
+MAX_VOCAB = 1 << 20
+AUDIO_RATE = 16000  # every reader of audio in w2v2 resamples to this rate
+DROPOUTS = ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
+            "layerdrop")
+
+
+def _range_problems(c: ModelConfig) -> list[str]:
+    """Values of a well-typed config that no model can be built from (or that are absurdly large)."""
+    problems = []
+
+    def bounded(name: str, value: int, hi: int, lo: int = 1) -> None:
+        if not lo <= value <= hi:
+            problems.append(f"{name} must be {lo}..{hi}, got {value}")
+
+    n = len(c.conv_dim)
+    if not n == len(c.conv_kernel) == len(c.conv_stride):
+        problems.append(f"conv_dim, conv_kernel and conv_stride must have the same length, got "
+                        f"{n}, {len(c.conv_kernel)}, {len(c.conv_stride)}")
+    bounded("the number of conv layers (len(conv_dim))", n, MAX_CONV_LAYERS)
+    for name, values, hi in (("conv_dim", c.conv_dim, MAX_WIDTH), ("conv_kernel", c.conv_kernel, MAX_KERNEL),
+                             ("conv_stride", c.conv_stride, MAX_KERNEL)):
+        bad = [v for v in values if not 1 <= v <= hi]
+        if bad:
+            problems.append(f"{name} entries must be 1..{hi}, got {list(values)}")
+    if c.feat_extract_norm not in ("group", "layer"):
+        problems.append(f"feat_extract_norm must be 'group' or 'layer', got {c.feat_extract_norm!r}")
+    bounded("hidden_size", c.hidden_size, MAX_WIDTH)
+    bounded("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS)
+    bounded("num_attention_heads", c.num_attention_heads, MAX_WIDTH)
+    bounded("intermediate_size", c.intermediate_size, MAX_FFN)
+    bounded("num_conv_pos_embeddings", c.num_conv_pos_embeddings, MAX_KERNEL)
+    bounded("num_conv_pos_embedding_groups", c.num_conv_pos_embedding_groups, MAX_WIDTH)
+    bounded("num_codevector_groups", c.num_codevector_groups, MAX_WIDTH)
+    bounded("num_codevectors_per_group", c.num_codevectors_per_group, MAX_WIDTH)
+    bounded("codevector_dim", c.codevector_dim, MAX_WIDTH)
+    bounded("proj_codevector_dim", c.proj_codevector_dim, MAX_WIDTH)
+    if c.vocab_size is not None:
+        bounded("vocab_size", c.vocab_size, MAX_VOCAB)
+    for name, total, parts in (("hidden_size", c.hidden_size, "num_attention_heads"),
+                               ("hidden_size", c.hidden_size, "num_conv_pos_embedding_groups"),
+                               ("codevector_dim", c.codevector_dim, "num_codevector_groups")):
+        if getattr(c, parts) >= 1 and total % getattr(c, parts):
+            problems.append(f"{name} {total} is not divisible by {parts} {getattr(c, parts)}")
+    for name in DROPOUTS:
+        if not 0.0 <= getattr(c, name) <= 1.0:
+            problems.append(f"{name} must be a probability in [0, 1], got {getattr(c, name)}")
+    for name in ("layer_norm_eps", "normalize_eps"):
+        if not 0.0 < getattr(c, name) < 1.0:
+            problems.append(f"{name} must be in (0, 1), got {getattr(c, name)}")
+    if c.sampling_rate != AUDIO_RATE:
+        problems.append(f"sampling_rate must be {AUDIO_RATE} (w2v2 reads all audio at {AUDIO_RATE} Hz), "
+                        f"got {c.sampling_rate}")
+    return problems
 
 
 def base(**overrides) -> ModelConfig:
@@ -207,7 +265,7 @@ def format_problems(problems: Sequence[str]) -> str:
 def check_fields(cls, values: object, where: str) -> list[str]:
     """Problems with ``values`` as keyword arguments of the dataclass ``cls``, checked against its
     field annotations: unknown names (with the closest known one) and values of the wrong type.
-    Each problem starts with ``where`` (a config section such as ``train``)."""
+    Each problem starts with ``where`` (a config section such as ``train``) when it is not empty."""
     if not isinstance(values, dict):
         return [f"{where}: expected an object of {cls.__name__} options, got {values!r}"]
     hints = typing.get_type_hints(cls)
@@ -221,7 +279,7 @@ def check_fields(cls, values: object, where: str) -> list[str]:
                         + (f" (did you mean: {', '.join(guesses)}?)" if guesses else ""))
     for key, value in values.items():
         if key in names and not _fits(value, hints[key]):
-            problems.append(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
+            problems.append(f"{where}{'.' if where else ''}{key}: expected {_describe(hints[key])}, got {value!r}")
     return problems
 
 

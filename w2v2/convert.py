@@ -8,12 +8,13 @@ Our own parameter names are Hugging Face's without the ``wav2vec2.`` prefix.
 
 from __future__ import annotations
 
+import ast
 import re
 
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from .config import MAX_CONV_LAYERS, ModelConfig
 
 # --------------------------------------------------------------------------- Hugging Face
 HF_TO_OURS: list[tuple[str, str]] = [
@@ -141,7 +142,11 @@ def check_keys(expected: set[str], got: set[str], source: str) -> None:
 HF_UNSUPPORTED = {"add_adapter": False, "use_weighted_layer_sum": False}
 
 
-def config_from_hf(d: dict, source="config.json") -> ModelConfig:
+def config_from_hf(d: object, source="config.json") -> ModelConfig:
+    """A Hugging Face ``config.json`` (already parsed) -> our config. Raises ConversionError naming
+    ``source`` for anything that is not a wav2vec 2.0 config w2v2 computes exactly."""
+    if not isinstance(d, dict):
+        raise ConversionError(f"{source}: expected a JSON object of model options, got {type(d).__name__}")
     if d.get("model_type", "wav2vec2") not in ("wav2vec2",):
         raise ConversionError(f"{source}: model_type {d.get('model_type')!r} is not wav2vec2")
     for key, ok in HF_UNSUPPORTED.items():
@@ -150,7 +155,15 @@ def config_from_hf(d: dict, source="config.json") -> ModelConfig:
     for key in ("feat_extract_activation", "hidden_act"):
         if d.get(key, "gelu") != "gelu":
             raise ConversionError(f"{source}: {key}={d[key]!r} is not supported (only gelu)")
-    return ModelConfig.from_dict(d)
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from e
+    layers = d.get("num_feat_extract_layers", len(cfg.conv_dim))
+    if layers != len(cfg.conv_dim):
+        raise ConversionError(f"{source}: num_feat_extract_layers is {layers!r} but conv_dim has {len(cfg.conv_dim)} "
+                              f"entries")
+    return cfg
 
 
 def config_to_hf(cfg: ModelConfig, architecture: str, pad_token_id: int = 0) -> dict:
@@ -173,34 +186,93 @@ def config_to_hf(cfg: ModelConfig, architecture: str, pad_token_id: int = 0) -> 
     return d
 
 
-def config_from_fairseq(cfg: dict) -> tuple[ModelConfig, bool]:
-    """fairseq ``cfg['model']`` (pretrained) or its ``w2v_args.model`` (fine-tuned) -> (config, do_normalize)."""
-    conv = eval_conv_layers(cfg.get("conv_feature_layers", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2"))
-    mode = cfg.get("extractor_mode", "default")
-    latent_dim = cfg.get("latent_dim", 0) or cfg.get("final_dim", 256)
+# fairseq model options that change what the model computes, with the only value w2v2 implements:
+# a checkpoint with another value is refused by name instead of being run differently.
+FAIRSEQ_FIXED = {
+    "activation_fn": "gelu",  # of the Transformer's feed-forward layers
+    "crop_seq_to_multiple": 1,  # crops the frames to a multiple of this
+    "pos_conv_depth": 1,  # a stack of positional convolutions (data2vec-style)
+    "layer_type": "transformer",  # "conformer" layers
+    "extractor_mode": ("default", "layer_norm"),
+}
+# Options of a fine-tuned model (the CTC wrapper) that change its output.
+FAIRSEQ_FIXED_CTC = {"blank_weight": 0}
+FAIRSEQ_NORMALIZE_EPS = 1e-5  # F.layer_norm's default, which fairseq's audio dataset applies
+
+
+def check_fairseq_options(cfg: dict, fixed: dict, source: str) -> None:
+    for key, ok in fixed.items():
+        if key in cfg and not (cfg[key] in ok if isinstance(ok, tuple) else cfg[key] == ok):
+            allowed = " or ".join(map(repr, ok)) if isinstance(ok, tuple) else repr(ok)
+            raise ConversionError(f"{source}: fairseq option {key}={cfg[key]!r} is not supported (only {allowed})")
+
+
+def config_from_fairseq(cfg: dict, normalize: bool, source: str = "checkpoint") -> ModelConfig:
+    """fairseq's model options (``cfg['model']`` of a pretrained model, ``w2v_args.model`` of a
+    fine-tuned one; fairseq's own defaults for missing ones) -> our config. ``normalize``: the
+    task's option; fairseq normalises with ``F.layer_norm`` over the waveform (eps 1e-5)."""
+    check_fairseq_options(cfg, FAIRSEQ_FIXED, source)
+    conv = parse_conv_layers(cfg.get("conv_feature_layers", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2"),
+                             source)
     embed = cfg.get("encoder_embed_dim", 768)
-    final_dim = cfg.get("final_dim", 0) or embed
-    mc = ModelConfig(
-        conv_dim=tuple(c[0] for c in conv), conv_kernel=tuple(c[1] for c in conv), conv_stride=tuple(c[2] for c in conv),
-        conv_bias=bool(cfg.get("conv_bias", False)),
-        feat_extract_norm="layer" if mode == "layer_norm" else "group",
-        hidden_size=embed,
-        num_hidden_layers=cfg.get("encoder_layers", 12),
-        num_attention_heads=cfg.get("encoder_attention_heads", 12),
-        intermediate_size=cfg.get("encoder_ffn_embed_dim", 3072),
-        do_stable_layer_norm=bool(cfg.get("layer_norm_first", False)),
-        num_conv_pos_embeddings=cfg.get("conv_pos", 128),
-        num_conv_pos_embedding_groups=cfg.get("conv_pos_groups", 16),
-        num_codevector_groups=cfg.get("latent_groups", 2),
-        num_codevectors_per_group=cfg.get("latent_vars", 320),
-        codevector_dim=latent_dim,
-        proj_codevector_dim=final_dim,
-    )
-    return mc, bool(cfg.get("normalize", mode == "layer_norm"))
+    final_dim = cfg.get("final_dim", 0) or embed  # fairseq: 0 means "the embedding dimension"
+    try:
+        return ModelConfig(
+            conv_dim=tuple(c[0] for c in conv), conv_kernel=tuple(c[1] for c in conv),
+            conv_stride=tuple(c[2] for c in conv), conv_bias=cfg.get("conv_bias", False),
+            feat_extract_norm="layer" if cfg.get("extractor_mode", "default") == "layer_norm" else "group",
+            hidden_size=embed,
+            num_hidden_layers=cfg.get("encoder_layers", 12),
+            num_attention_heads=cfg.get("encoder_attention_heads", 12),
+            intermediate_size=cfg.get("encoder_ffn_embed_dim", 3072),
+            do_stable_layer_norm=cfg.get("layer_norm_first", False),
+            num_conv_pos_embeddings=cfg.get("conv_pos", 128),
+            num_conv_pos_embedding_groups=cfg.get("conv_pos_groups", 16),
+            num_codevector_groups=cfg.get("latent_groups", 2),
+            num_codevectors_per_group=cfg.get("latent_vars", 320),
+            codevector_dim=cfg.get("latent_dim", 0) or final_dim,
+            proj_codevector_dim=final_dim,
+            do_normalize=normalize,
+            normalize_eps=FAIRSEQ_NORMALIZE_EPS,
+        )
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from e
 
 
-def eval_conv_layers(spec: str) -> list[tuple[int, int, int]]:
-    """Parse fairseq's conv_feature_layers string like "[(512, 10, 5)] + [(512, 3, 2)] * 4" safely."""
-    if not re.fullmatch(r"[\[\]\(\)\d\s,+*]+", spec):
-        raise ConversionError(f"unexpected conv_feature_layers {spec!r}")
-    return [tuple(t) for t in eval(spec, {"__builtins__": {}}, {})]  # noqa: S307 - digits and brackets only
+def parse_conv_layers(spec: object, source: str = "checkpoint") -> list[tuple[int, int, int]]:
+    """fairseq's conv_feature_layers, a Python expression like "[(512, 10, 5)] + [(512, 3, 2)] * 4",
+    read without eval: list literals of (dim, kernel, stride) integer tuples joined by ``+`` and
+    repeated by ``* N``, at most MAX_CONV_LAYERS long (so "[(1,1,1)] * 10**9" allocates nothing)."""
+    def bad(why: str) -> ConversionError:
+        return ConversionError(f"{source}: conv_feature_layers {spec!r}: {why}")
+
+    def value(node) -> list:
+        if isinstance(node, ast.List):
+            return [layer(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            out = value(node.left) + value(node.right)
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            items, times = (node.left, node.right) if isinstance(node.right, ast.Constant) else (node.right, node.left)
+            if not (isinstance(times, ast.Constant) and type(times.value) is int):
+                raise bad("a list can only be repeated by an integer")
+            if times.value > MAX_CONV_LAYERS:
+                raise bad(f"more than {MAX_CONV_LAYERS} layers")
+            out = value(items) * max(times.value, 0)
+        else:
+            raise bad("expected lists of (dim, kernel, stride) joined by + and *")
+        if len(out) > MAX_CONV_LAYERS:
+            raise bad(f"more than {MAX_CONV_LAYERS} layers")
+        return out
+
+    def layer(node) -> tuple[int, int, int]:
+        if not (isinstance(node, ast.Tuple) and len(node.elts) == 3
+                and all(isinstance(e, ast.Constant) and type(e.value) is int for e in node.elts)):
+            raise bad("each layer must be a (dim, kernel, stride) tuple of integers")
+        return tuple(e.value for e in node.elts)
+
+    if not isinstance(spec, str) or len(spec) > 10_000:
+        raise bad("expected a short string")
+    try:
+        return value(ast.parse(spec, mode="eval").body)
+    except (SyntaxError, RecursionError, MemoryError, ValueError):
+        raise bad("not a list expression w2v2 reads") from None

@@ -107,19 +107,20 @@ class Wav2Vec2(nn.Module):
         return self.feature_extractor.output_lengths(lengths)
 
     def normalize(self, wav: Tensor, lengths: Tensor | None) -> Tensor:
-        """Zero mean, unit variance per utterance over its valid samples (HF's do_normalize)."""
+        """Zero mean, unit variance per utterance over its valid samples (HF's do_normalize; fairseq's
+        layer norm over the waveform when ``config.normalize_eps`` is fairseq's 1e-5)."""
         if not self.config.do_normalize:
             return wav
-        wav = wav.float()
+        wav, eps = wav.float(), self.config.normalize_eps
         if lengths is None:
             mean = wav.mean(-1, keepdim=True)
             var = wav.var(-1, keepdim=True, unbiased=False)
-            return (wav - mean) / torch.sqrt(var + 1e-7)
+            return (wav - mean) / torch.sqrt(var + eps)
         mask = lengths_to_mask(lengths, wav.shape[-1]).to(wav.dtype)
         n = lengths.clamp(min=1)[:, None].to(wav.dtype)
         mean = (wav * mask).sum(-1, keepdim=True) / n
         var = (((wav - mean) * mask) ** 2).sum(-1, keepdim=True) / n
-        return ((wav - mean) / torch.sqrt(var + 1e-7)) * mask
+        return ((wav - mean) / torch.sqrt(var + eps)) * mask
 
     def _check_input(self, wav: Tensor, lengths: Tensor | None) -> Tensor | None:
         if wav.dim() != 2:

@@ -101,16 +101,26 @@ class Vocabulary:
     def load(cls, path: str | Path, **kw) -> "Vocabulary":
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: invalid JSON, or bytes that are not UTF-8
             raise ValueError(f"{path}: cannot read vocabulary: {e}") from e
+        return cls.from_json(d, path, **kw)
+
+    @classmethod
+    def from_json(cls, d: object, source: str | Path, **kw) -> "Vocabulary":
+        """The vocabulary in a parsed ``vocab.json``; ValueError naming ``source`` when it is not one."""
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: vocabulary must be a JSON object token -> index")
+            raise ValueError(f"{source}: vocabulary must be a JSON object token -> index")
         # HF multi-lingual vocab files nest {lang: {token: id}}; take the single entry
         if d and all(isinstance(v, dict) for v in d.values()):
             if len(d) != 1:
-                raise ValueError(f"{path}: vocabulary holds several languages {list(d)}; not supported")
+                raise ValueError(f"{source}: vocabulary holds several languages {list(d)}; not supported")
             d = next(iter(d.values()))
-        return cls.from_json_dict(d, **kw)
+        if not all(type(i) is int for i in d.values()):
+            raise ValueError(f"{source}: vocabulary must map each token to an integer index")
+        try:
+            return cls.from_json_dict(d, **kw)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
     @classmethod
     def from_characters(cls, chars) -> "Vocabulary":
