@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from . import convert
-from .config import AUDIO_RATE, ModelConfig
+from .config import AUDIO_RATE, PRESETS, ModelConfig, preset
 from .fileio import atomic_write_bytes, atomic_write_text, verify_checksums
 from .model import Wav2Vec2, build_model
 from .vocab import Vocabulary
@@ -119,6 +119,45 @@ def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike) -> Path:
         _write_json(out / "special_tokens_map.json", {"unk_token": v.unk, "bos_token": "<s>", "eos_token": "</s>",
                                                        "pad_token": v.blank})
     return out
+
+
+RANDOM = "random:"  # an --init spec of a model trained from scratch
+
+
+def random_init_config(spec: str) -> ModelConfig | None:
+    """The architecture named by ``random:PRESET`` (tiny, small, base, large) or
+    ``random:CONFIG.json`` (a ``config.json`` with Hugging Face field names), for a model trained
+    from scratch; None when ``spec`` names a model to load instead. Raises CheckpointError for an
+    unknown preset or an unusable config, and for a model too large for this machine's memory."""
+    if not spec.startswith(RANDOM):
+        return None
+    name = spec[len(RANDOM):]
+    if name.endswith(".json"):
+        path = Path(name).expanduser()
+        if not os.path.lexists(path):
+            raise CheckpointError(f"{name}: no such file or directory")
+        cfg = convert.config_from_hf(_read_json(path), source=str(path))
+    elif name in PRESETS:
+        cfg = preset(name)
+    else:
+        raise CheckpointError(f"unknown preset {name!r}; use {RANDOM}{f' or {RANDOM}'.join(PRESETS)} or "
+                              f"{RANDOM}CONFIG.json")
+    _check_fits_memory(cfg, spec)
+    return cfg
+
+
+def _check_fits_memory(cfg: ModelConfig, what: str) -> None:
+    """Refuse an architecture whose float32 weights alone exceed this machine's memory (counted on
+    the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(cfg, with_quantizer=True, init=False).parameters())
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: nothing to compare with
+        return
+    if 4 * params > memory:
+        raise CheckpointError(f"{what}: a model of {params / 1e9:.1f}G parameters needs {4 * params / 2**30:.0f} GiB "
+                              f"for its weights alone, more than this machine's {memory / 2**30:.0f} GiB")
 
 
 # --------------------------------------------------------------------------- resolution

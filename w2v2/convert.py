@@ -274,5 +274,7 @@ def parse_conv_layers(spec: object, source: str = "checkpoint") -> list[tuple[in
         raise bad("expected a short string")
     try:
         return value(ast.parse(spec, mode="eval").body)
+    except ConversionError:
+        raise
     except (SyntaxError, RecursionError, MemoryError, ValueError):
         raise bad("not a list expression w2v2 reads") from None

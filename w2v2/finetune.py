@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, load_audio
-from .checkpoint import load_model, save_pretrained
-from .config import ModelConfig, option, preset, redefault
+from .checkpoint import load_model, random_init_config, save_pretrained
+from .config import option, redefault
 from .data import Collate, Entry
 from .decoding import greedy_decode
 from .decoding.alignment import min_frames
@@ -153,12 +153,9 @@ def init_model(spec: str, vocab: Vocabulary, **regularisation) -> Wav2Vec2:
     unknown = set(overrides) - set(REGULARISATION)
     if unknown:
         raise ValueError(f"unknown regularisation options {sorted(unknown)}; known: {REGULARISATION}")
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        if name.endswith(".json"):  # an architecture of one's own: a config.json (HF field names)
-            with open(name, encoding="utf-8") as f:
-                return build_model(ModelConfig.from_dict(json.load(f)).replace(**overrides), vocab=vocab)
-        return build_model(preset(name, **overrides), vocab=vocab)
+    architecture = random_init_config(spec)
+    if architecture is not None:
+        return build_model(architecture.replace(**overrides), vocab=vocab)
     source = load_model(spec, with_quantizer=False)
     keep_head = source.lm_head is not None and source.vocab is not None and source.vocab.tokens == vocab.tokens
     model = build_model(source.config.replace(**overrides), vocab=source.vocab if keep_head else None, init=False)

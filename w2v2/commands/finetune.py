@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from ..config import PRESETS, ConfigError, ModelConfig
+from ..checkpoint import random_init_config
+from ..config import ConfigError
 from ..errors import UserError
 from ..finetune import FinetuneConfig, FinetuneTrainConfig, finetune, read_data
 from ..trainer import last_checkpoint
@@ -69,15 +69,10 @@ def run(args) -> int:
         ft, tc = configs(args)
     except ConfigError as e:
         problems += e.problems
-    name = args.init.split(":", 1)[1] if args.init.startswith("random:") else None
-    if name is not None and name.endswith(".json"):
-        try:
-            with open(name, encoding="utf-8") as f:
-                ModelConfig.from_dict(json.load(f))
-        except (OSError, ValueError, TypeError) as e:
-            problems.append(f"--init {args.init}: cannot use it as a model configuration ({e})")
-    elif name is not None and name not in PRESETS:
-        problems.append(f"--init {args.init}: unknown preset; use random:{' or random:'.join(PRESETS)}")
+    try:
+        random_init_config(args.init)
+    except ValueError as e:
+        problems.append(f"--init {args.init}: {e}")
     try:
         read_data(args.train, args.valid)
     except ConfigError as e:
