@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,6 +279,26 @@ def test_dictconfig_checkpoint_without_omegaconf_says_what_to_install(tmp_path, 
     monkeypatch.setitem(sys.modules, "omegaconf", None)  # import omegaconf -> ImportError
     with pytest.raises(CheckpointError, match=r"c\.pt: .*pip install omegaconf"):
         w2v2.load_model(tmp_path / "c.pt")
+
+
+def test_fairseq_checkpoint_pickled_by_omegaconf_2_0(tmp_path):
+    """A checkpoint written by omegaconf 2.0 (fairseq's pin in 2020-2021; tests/data/make_fairseq_dictconfig.py)
+    loads with today's omegaconf through the allowlist: options, letters and every weight."""
+    pytest.importorskip("omegaconf")
+    from .data import make_fairseq_dictconfig as made
+
+    loaded = w2v2.load_model(Path(__file__).parent / "data" / "fairseq_dictconfig_omegaconf20.pt")
+    c = loaded.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (made.DIM, made.FFN, made.MODEL["encoder_layers"])
+    assert c.conv_dim == (8, 8, 8) and c.conv_kernel == (10, 3, 3) and c.conv_stride == (5, 2, 2)
+    assert c.feat_extract_norm == "layer" and c.do_stable_layer_norm and c.conv_bias
+    assert c.do_normalize and c.normalize_eps == convert.FAIRSEQ_NORMALIZE_EPS
+    assert loaded.vocab.tokens == w2v2.checkpoint.LIBRISPEECH_LETTERS
+    want = convert.fairseq_to_ours(made.weights())
+    got = loaded.state_dict()
+    assert set(got) == set(want) | {"masked_spec_embed"}
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
 
 
 class NotAllowed:  # a class outside the allow-list must never be unpickled

@@ -3,9 +3,11 @@ no traceback, no hang, and memory bounded by the files' sizes, never by what the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import w2v2
@@ -473,3 +477,57 @@ def test_cli_reports_unsafe_pickle_and_nan_weights_in_one_line(model_dir, tmp_pa
     assert main(["export", str(model_dir), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert "pytorch_model.bin: not a safe weights file" in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------- properties
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.integers(0, 70_000) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=10)
+CONFIG_KEYS = [f.name for f in dataclasses.fields(config.ModelConfig)] + [
+    "num_feat_extract_layers", "hidden_act", "feat_extract_activation", "model_type", "architectures",
+    "add_adapter", "use_weighted_layer_sum"]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("template") / "m"
+    w2v2.save_pretrained(w2v2.build_model(config.tiny(), vocab=VOCAB), out)
+    ours = w2v2.build_model(config.tiny(), with_quantizer=True)
+    torch.save(fairseq_checkpoint("dict", to_fairseq(ours.state_dict(), True), "group"), out.parent / "c.pt")
+    return out
+
+
+def loads_or_refuses_in_one_line(source: Path, names: str) -> None:
+    """Loading ``source`` gives a model, or a ValueError of one line naming ``names`` (a file or
+    the directory): never another exception, never a traceback's worth of text."""
+    try:
+        w2v2.load_model(source)
+    except ValueError as e:
+        assert "\n" not in str(e) and names in str(e), str(e)
+
+
+@settings(max_examples=int(os.environ.get("W2V2_FUZZ_CASES", 150)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1, max_size=3))
+def test_any_config_values_load_or_are_refused_in_one_line(template, tmp_path, changes):
+    d = tmp_path / "m"
+    shutil.copytree(template, d, dirs_exist_ok=True)
+    edit_json(d / "config.json", **changes)
+    loads_or_refuses_in_one_line(d, str(d))
+
+
+@settings(max_examples=int(os.environ.get("W2V2_FUZZ_CASES", 100)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["m/model.safetensors", "m/config.json", "m/vocab.json", "c.pt"]),
+       flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.none() | st.floats(0, 1))
+def test_any_damaged_model_file_loads_or_is_refused_in_one_line(template, tmp_path, name, flips, cut):
+    shutil.copytree(template, tmp_path / "m", dirs_exist_ok=True)
+    shutil.copy(template.parent / "c.pt", tmp_path / "c.pt")
+    path = tmp_path / name
+    data = bytearray(path.read_bytes())
+    for where, byte in flips:
+        data[int(where * len(data))] = byte
+    path.write_bytes(bytes(data[: int(cut * len(data))] if cut is not None else data))
+    source = tmp_path / "c.pt" if name == "c.pt" else tmp_path / "m"
+    loads_or_refuses_in_one_line(source, str(source))
