@@ -114,6 +114,15 @@ def test_missing_source_and_offline_hub_id(tmp_path, monkeypatch):
         w2v2.load_model("someone/not-downloaded-model-xyz")
 
 
+def test_run_directory_loads_its_newest_checkpoint_by_step(tmp_path):
+    """Without best/ or checkpoint_last, a run directory stands for its highest step (by number:
+    checkpoint_10000000 is newer than checkpoint_9999999)."""
+    old, new = ctc_model(), ctc_model("layer")
+    w2v2.save_pretrained(old, tmp_path / "checkpoint_9999999")
+    w2v2.save_pretrained(new, tmp_path / "checkpoint_10000000")
+    assert w2v2.load_model(tmp_path).config == new.config
+
+
 # --------------------------------------------------------------------------- fairseq layout
 def to_fairseq(state: dict[str, torch.Tensor], group: bool) -> dict[str, torch.Tensor]:
     """Our names -> fairseq's (inverse of the rename table), to build checkpoints in the test."""
