@@ -531,3 +531,14 @@ def test_any_damaged_model_file_loads_or_is_refused_in_one_line(template, tmp_pa
     path.write_bytes(bytes(data[: int(cut * len(data))] if cut is not None else data))
     source = tmp_path / "c.pt" if name == "c.pt" else tmp_path / "m"
     loads_or_refuses_in_one_line(source, str(source))
+
+
+def test_finetune_reports_a_mistyped_init_path_with_the_other_problems(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(checkpoint, "_download", lambda repo_id: pytest.fail(f"tried the Hub for {repo_id}"))
+    rc = main(["finetune", "--init", "runs/pretrian", "--train", "missing.tsv", "--valid", "missing.tsv",
+               "--out", "runs/ft"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and not (tmp_path / "runs" / "ft").exists()
+    assert "--init runs/pretrian: no such file or directory" in err and "missing.tsv" in err, err

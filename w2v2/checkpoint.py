@@ -70,7 +70,7 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     ``source=None`` or ``"default"`` loads the default model embedded in the package. The model is
     returned in eval mode. ``with_quantizer=False`` drops pretraining modules when present.
     """
-    path = _resolve(source)
+    path = find_model(source)
     if path.is_dir():
         model = _load_hf_dir(path)
     elif path.suffix in FAIRSEQ_SUFFIXES:
@@ -140,7 +140,7 @@ def random_init_config(spec: str) -> ModelConfig | None:
     elif name in PRESETS:
         cfg = preset(name)
     else:
-        raise CheckpointError(f"unknown preset {name!r}; use {RANDOM}{f' or {RANDOM}'.join(PRESETS)} or "
+        raise CheckpointError(f"{spec}: unknown preset {name!r}; use {RANDOM}{f' or {RANDOM}'.join(PRESETS)} or "
                               f"{RANDOM}CONFIG.json")
     _check_fits_memory(cfg, spec)
     return cfg
@@ -161,7 +161,10 @@ def _check_fits_memory(cfg: ModelConfig, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- resolution
-def _resolve(source) -> Path:
+def find_model(source, *, download: bool = True) -> Path | None:
+    """The local path of the model ``source`` names (see :func:`load_model`), downloading a Hub id
+    unless ``download`` is False (then None stands for "a Hub id"). Raises CheckpointError for a
+    local path that is not there."""
     if source is None or str(source) == "default":
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
             raise CheckpointError(
@@ -179,7 +182,7 @@ def _resolve(source) -> Path:
             raise CheckpointError(f"{source}: {os.strerror(e.errno)} (a symbolic link that leads nowhere)") from None
     text = str(source)
     if not _looks_local(text):
-        return _download(text)
+        return _download(text) if download else None
     raise CheckpointError(f"{source}: no such file or directory")
 
 

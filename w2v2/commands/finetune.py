@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..checkpoint import random_init_config
+from ..checkpoint import find_model, random_init_config
 from ..config import ConfigError
 from ..errors import UserError
 from ..finetune import FinetuneConfig, FinetuneTrainConfig, finetune, read_data
@@ -69,10 +69,11 @@ def run(args) -> int:
         ft, tc = configs(args)
     except ConfigError as e:
         problems += e.problems
-    try:
-        random_init_config(args.init)
+    try:  # a mistyped local path is found here, with the other problems; a Hub id is fetched later
+        if random_init_config(args.init) is None:
+            find_model(args.init, download=False)
     except ValueError as e:
-        problems.append(f"--init {args.init}: {e}")
+        problems.append(f"--init {e}")
     try:
         read_data(args.train, args.valid)
     except ConfigError as e:
