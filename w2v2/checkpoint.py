@@ -10,7 +10,6 @@ import argparse
 import collections
 import json
 import os
-import pickle
 import re
 import typing
 import zipfile
@@ -287,7 +286,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         state = _torch_load(binf)
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{binf}: not a state dict (names -> tensors)")
-        return state
+        return {k: v.clone() for k, v in state.items()}  # out of the mapped file: it may change later
     if (path / "pytorch_model.bin.index.json").exists():
         raise CheckpointError(f"{path}: sharded pytorch_model-*.bin weights are not supported; convert them to "
                               f"safetensors (transformers: save_pretrained(..., safe_serialization=True))")
@@ -396,16 +395,19 @@ def _torch_load(path: Path, allowed: list | None = None) -> object:
     try:
         with torch.serialization.safe_globals(allowed or []):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        name = found.group(1) if found else None
-        if name and name.startswith("omegaconf.") and not _has_omegaconf():
+    except Exception as e:  # truncation and corruption surface as many exception types
+        # pickle.UnpicklingError: the weights-only unpickler met something else than data (the
+        # pickle module itself stays out of the code: nothing here unpickles on its own)
+        found = re.search(r"GLOBAL (\S+)", str(e)) if type(e).__name__ == "UnpicklingError" else None
+        if found and found.group(1).startswith("omegaconf.") and not _has_omegaconf():
             raise CheckpointError(f"{path}: its options are an omegaconf DictConfig (fairseq of 2020-2021); "
                                   f"pip install omegaconf to read them") from None
-        raise CheckpointError(f"{path}: not a safe weights file: it holds pickled "
-                              f"{name or 'objects'} beyond tensors and plain data, which loading could run as "
-                              f"code; refused") from None
-    except Exception as e:  # truncation and corruption surface as many exception types
+        if found:
+            raise CheckpointError(f"{path}: not a safe weights file: it holds pickled {found.group(1)}, beyond "
+                                  f"tensors and plain data, which loading could run as code; refused") from None
+        detail = re.search(r"WeightsUnpickler error: (.*)", str(e))  # torch's one useful line of many
+        if detail:
+            raise CheckpointError(f"{path}: corrupted, or not a weights file ({detail.group(1)})") from None
         raise CheckpointError(f"{path}: corrupted or truncated ({type(e).__name__}: {_first_line(e)})") from e
 
 
@@ -414,7 +416,7 @@ def _check_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             entries = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except Exception as e:  # a damaged directory surfaces as many types (BadZipFile, NotImplementedError, ...)
         raise CheckpointError(f"{path}: corrupted or truncated ({type(e).__name__}: {_first_line(e)})") from e
     packed = [i.filename for i in entries if i.compress_type != zipfile.ZIP_STORED]
     if packed:  # torch.save stores; an entry that inflates could be of any size
