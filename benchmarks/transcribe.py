@@ -44,7 +44,7 @@ def make_checkpoint(directory: Path) -> Path:
     from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor,
                               Wav2Vec2ForCTC, Wav2Vec2Processor)
 
-    from w2v2.checkpoint import LIBRISPEECH_LETTERS
+    from w2v2.fairseq_format import LIBRISPEECH_LETTERS
 
     torch.manual_seed(0)
     directory.mkdir(parents=True, exist_ok=True)

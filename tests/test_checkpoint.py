@@ -302,7 +302,7 @@ def test_fairseq_checkpoint_pickled_by_omegaconf_2_0(tmp_path):
     assert c.conv_dim == (8, 8, 8) and c.conv_kernel == (10, 3, 3) and c.conv_stride == (5, 2, 2)
     assert c.feat_extract_norm == "layer" and c.do_stable_layer_norm and c.conv_bias
     assert c.do_normalize and c.normalize_eps == convert.FAIRSEQ_NORMALIZE_EPS
-    assert loaded.vocab.tokens == w2v2.checkpoint.LIBRISPEECH_LETTERS
+    assert loaded.vocab.tokens == w2v2.fairseq_format.LIBRISPEECH_LETTERS
     want = convert.fairseq_to_ours(made.weights())
     got = loaded.state_dict()
     assert set(got) == set(want) | {"masked_spec_embed"}

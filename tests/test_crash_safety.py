@@ -650,4 +650,4 @@ def test_every_torch_load_is_weights_only():
             if func in ("np.load", "numpy.load"):
                 flag = kwargs.get("allow_pickle")
                 assert flag is None or isinstance(flag, ast.Constant) and flag.value is False, f"{path}:{node.lineno}"
-    assert loads >= 2  # the trainer state; pytorch_model.bin and fairseq checkpoints (checkpoint._torch_load)
+    assert loads >= 2  # the trainer state; pytorch_model.bin and fairseq checkpoints (safeload.torch_load)

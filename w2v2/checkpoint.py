@@ -6,13 +6,9 @@ preprocessor_config.json), so anything we write loads in transformers and vice v
 
 from __future__ import annotations
 
-import argparse
-import collections
 import json
 import os
 import re
-import typing
-import zipfile
 from pathlib import Path
 
 import torch
@@ -21,8 +17,10 @@ from safetensors.torch import load_file, save
 
 from . import convert
 from .config import AUDIO_RATE, PRESETS, ModelConfig, preset
+from .fairseq_format import read_fairseq
 from .fileio import atomic_write_bytes, atomic_write_text, verify_checksums
 from .model import Wav2Vec2, build_model
+from .safeload import CheckpointError, first_line, read_json, regular_file, torch_load
 from .vocab import Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
@@ -30,17 +28,10 @@ HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.
              "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
 # Inside a training run directory, the model that stands for the run, in order of preference.
 RUN_DIR_MODELS = ("best", "checkpoint_last")
-# The letter dictionary of every LibriSpeech fine-tuned fairseq model (dict.ltr.txt), blank first.
-LIBRISPEECH_LETTERS = ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D",
-                       "L", "U", "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z")
-
-
 # Suffixes of a fairseq/PyTorch checkpoint file; with the others a name is taken for a local path
 # (never for a Hugging Face id) when nothing is there.
 FAIRSEQ_SUFFIXES = (".pt", ".pth", ".ckpt")
 LOCAL_SUFFIXES = FAIRSEQ_SUFFIXES + (".bin", ".safetensors", ".json")
-MAX_JSON_BYTES = 64 << 20  # config, vocabulary and preprocessor files are kilobytes
-MAX_NESTING = 32  # of a fairseq checkpoint's options
 
 DEFAULT_MODEL_CARD = "w2v2_default.json"  # in DEFAULT_MODEL_DIR: what the model is and how well it does
 
@@ -53,10 +44,6 @@ def default_model_notice() -> str | None:
     except (OSError, ValueError):
         return None
     return card.get("notice")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
 # --------------------------------------------------------------------------- public API
@@ -73,7 +60,7 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     if path.is_dir():
         model = _load_hf_dir(path)
     elif path.suffix in FAIRSEQ_SUFFIXES:
-        model = _load_fairseq(path)
+        model = _build_from_state(*read_fairseq(path), str(path))
     elif (path.parent / "config.json").is_file():
         raise CheckpointError(f"{path}: a file of a model directory; pass the directory ({path.parent}) instead")
     else:
@@ -135,7 +122,7 @@ def random_init_config(spec: str) -> ModelConfig | None:
         path = Path(name).expanduser()
         if not os.path.lexists(path):
             raise CheckpointError(f"{name}: no such file or directory")
-        cfg = convert.config_from_hf(_read_json(path), source=str(path))
+        cfg = convert.config_from_hf(read_json(path), source=str(path))
     elif name in PRESETS:
         cfg = preset(name)
     else:
@@ -218,7 +205,7 @@ def _download(repo_id: str) -> Path:
     except Exception as e:  # network, auth, offline mode, missing repo: one clear line
         raise CheckpointError(
             f"{repo_id}: no such local file or directory, and cannot download it from the Hugging Face Hub "
-            f"({type(e).__name__}: {_first_line(e)}). Offline? Download it elsewhere and pass the local directory "
+            f"({type(e).__name__}: {first_line(e)}). Offline? Download it elsewhere and pass the local directory "
             f"instead."
         ) from e
 
@@ -228,11 +215,11 @@ def _load_hf_dir(path: Path) -> Wav2Vec2:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face-layout model directory)")
-    hf_cfg = _read_json(cfg_path)
+    hf_cfg = read_json(cfg_path)
     cfg = convert.config_from_hf(hf_cfg, source=str(cfg_path))
     pre = path / "preprocessor_config.json"
     if pre.exists():
-        cfg = _with_preprocessor(cfg, _read_json(pre), pre)
+        cfg = _with_preprocessor(cfg, read_json(pre), pre)
     raw = _read_weights(path)
     archs = hf_cfg.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs else "?"
@@ -242,7 +229,7 @@ def _load_hf_dir(path: Path) -> Wav2Vec2:
     vocab = None
     if (path / "vocab.json").exists():
         try:
-            vocab = Vocabulary.from_json(_read_json(path / "vocab.json"), path / "vocab.json")
+            vocab = Vocabulary.from_json(read_json(path / "vocab.json"), path / "vocab.json")
         except ValueError as e:
             raise CheckpointError(str(e)) from e
     return _build_from_state(cfg, state, vocab, str(path))
@@ -273,7 +260,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if st.exists():
         return _read_safetensors(st)
     if index.exists():
-        listing = _read_json(index)
+        listing = read_json(index)
         weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
         if not isinstance(weight_map, dict) or not all(
                 isinstance(s, str) and s and Path(s).name == s for s in weight_map.values()):
@@ -283,7 +270,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             out.update(_read_safetensors(path / shard))
         return out
     if binf.exists():
-        state = _torch_load(binf)
+        state = torch_load(binf)
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{binf}: not a state dict (names -> tensors)")
         return {k: v.clone() for k, v in state.items()}  # out of the mapped file: it may change later
@@ -295,11 +282,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors; its header is checked against the file's size before any is read."""
-    _regular_file(path)
+    regular_file(path)
     try:
         return load_file(str(path))
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: corrupted or truncated weights ({_first_line(e)})") from e
+        raise CheckpointError(f"{path}: corrupted or truncated weights ({first_line(e)})") from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
 
@@ -352,198 +339,6 @@ def _check_layer_counts(cfg: ModelConfig, state: dict, source: str) -> None:
             raise CheckpointError(f"{source}: the config asks for {want} {what} but the weights hold "
                                   f"{len(found)}" + ("" if found == set(range(len(found))) else
                                                      f" (numbered {sorted(found)[:8]}...)"))
-
-
-# --------------------------------------------------------------------------- safe reading
-def _regular_file(path: Path) -> Path:
-    """``path`` when it is a regular file: a FIFO would block, a device would never end."""
-    try:
-        if path.is_file():
-            return path
-        path.stat()
-    except OSError as e:
-        raise CheckpointError(f"{path}: {os.strerror(e.errno) if e.errno else e}") from None
-    raise CheckpointError(f"{path}: not a regular file")
-
-
-def _read_json(path: Path) -> object:
-    """A small JSON file; every failure is one line naming the file."""
-    _regular_file(path)
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a settings file")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start})") from e
-    except ValueError as e:  # JSONDecodeError, and numbers too long to convert
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from e
-    except RecursionError:
-        raise CheckpointError(f"{path}: JSON nested too deeply") from None
-
-
-def _torch_load(path: Path, allowed: list | None = None) -> object:
-    """``torch.load`` with ``weights_only=True`` (plus the ``allowed`` classes), so that no code in the
-    file runs. A zip archive (what torch.save writes) is checked first: what its directory declares
-    must fit in the file, so that nothing is inflated to more memory than the file's size; its
-    tensors are then mapped, not read, and only those used are read (not an optimizer's state)."""
-    _regular_file(path)
-    is_zip = zipfile.is_zipfile(path)
-    if is_zip:
-        _check_zip(path)
-    try:
-        with torch.serialization.safe_globals(allowed or []):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as e:  # truncation and corruption surface as many exception types
-        # pickle.UnpicklingError: the weights-only unpickler met something else than data (the
-        # pickle module itself stays out of the code: nothing here unpickles on its own)
-        found = re.search(r"GLOBAL (\S+)", str(e)) if type(e).__name__ == "UnpicklingError" else None
-        if found and found.group(1).startswith("omegaconf.") and not _has_omegaconf():
-            raise CheckpointError(f"{path}: its options are an omegaconf DictConfig (fairseq of 2020-2021); "
-                                  f"pip install omegaconf to read them") from None
-        if found:
-            raise CheckpointError(f"{path}: not a safe weights file: it holds pickled {found.group(1)}, beyond "
-                                  f"tensors and plain data, which loading could run as code; refused") from None
-        detail = re.search(r"WeightsUnpickler error: (.*)", str(e))  # torch's one useful line of many
-        if detail:
-            raise CheckpointError(f"{path}: corrupted, or not a weights file ({detail.group(1)})") from None
-        raise CheckpointError(f"{path}: corrupted or truncated ({type(e).__name__}: {_first_line(e)})") from e
-
-
-def _check_zip(path: Path) -> None:
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as z:
-            entries = z.infolist()
-    except Exception as e:  # a damaged directory surfaces as many types (BadZipFile, NotImplementedError, ...)
-        raise CheckpointError(f"{path}: corrupted or truncated ({type(e).__name__}: {_first_line(e)})") from e
-    packed = [i.filename for i in entries if i.compress_type != zipfile.ZIP_STORED]
-    if packed:  # torch.save stores; an entry that inflates could be of any size
-        raise CheckpointError(f"{path}: {packed[0]} is compressed, which torch.save never does; refused "
-                              f"(unpacking it could take unbounded memory)")
-    declared = sum(i.file_size for i in entries)
-    if declared > size:
-        raise CheckpointError(f"{path}: its zip directory declares {declared} bytes of contents in a {size}-byte "
-                              f"file; refused")
-
-
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
-
-
-# --------------------------------------------------------------------------- fairseq
-def _load_fairseq(path: Path) -> Wav2Vec2:
-    ckpt = _torch_load(path, _fairseq_globals())
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry of weights)")
-    weights = ckpt["model"]
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
-        raise CheckpointError(f"{path}: its 'model' entry is not a state dict (names -> tensors)")
-    model_cfg, normalize = _fairseq_options(ckpt, weights, path)
-    cfg = convert.config_from_fairseq(model_cfg, normalize, source=str(path))
-    state = convert.fairseq_to_ours(weights, source=str(path))
-    state = {k: v.clone() for k, v in state.items()}  # out of the mapped file: it may change later
-    vocab = None
-    if "lm_head.weight" in state:
-        vocab = _fairseq_vocab(path, state["lm_head.weight"].shape[0])
-    return _build_from_state(cfg, state, vocab, str(path))
-
-
-def _fairseq_globals() -> list:
-    """What fairseq pickled besides tensors, all plain data: argparse Namespaces (``args``, to
-    October 2020) and, when omegaconf is installed, the parts of an omegaconf DictConfig (``cfg``,
-    October 2020 to March 2021; later fairseq saves a plain dict). Allowing a class lets the
-    unpickler build it from data; no function named in the file is called."""
-    allowed = [argparse.Namespace]
-    try:
-        from omegaconf import DictConfig, ListConfig
-        from omegaconf.base import ContainerMetadata, Metadata
-        from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
-    except ImportError:
-        return allowed
-    return allowed + [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, FloatNode,
-                      IntegerNode, StringNode, typing.Any, dict, list, int, collections.defaultdict]
-
-
-def _fairseq_options(ckpt: dict, weights: dict, path: Path) -> tuple[dict, bool]:
-    """(options of the wav2vec 2.0 model, whether its input is normalised) from every layout
-    fairseq wrote: ``args`` (a flat argparse Namespace; a fine-tuned model's ``w2v_args`` is another
-    one), or ``cfg`` (a DictConfig, later a dict, with ``model`` and ``task`` sections; a fine-tuned
-    model's ``model.w2v_args`` is the pretrained model's cfg, or a flat Namespace)."""
-    if ckpt.get("cfg") is not None:
-        top = _plain(ckpt["cfg"], path)
-        model = top.get("model") if isinstance(top, dict) else None
-        task = top.get("task") if isinstance(top, dict) else None
-    elif ckpt.get("args") is not None:
-        model = task = _plain(ckpt["args"], path)  # one flat namespace
-    else:
-        raise CheckpointError(f"{path}: neither 'cfg' nor 'args': the checkpoint does not say its architecture")
-    if not isinstance(model, dict):
-        raise CheckpointError(f"{path}: its options have no model section")
-    task = task if isinstance(task, dict) else {}
-    if "w2v_args" in model or any(k.startswith("w2v_encoder.") for k in weights):
-        convert.check_fairseq_options(model, convert.FAIRSEQ_FIXED_CTC, str(path))
-        inner = model.get("w2v_args")
-        if not isinstance(inner, dict):
-            raise CheckpointError(f"{path}: a fine-tuned checkpoint without the pretrained model's options "
-                                  f"(w2v_args)")
-        nested = isinstance(inner.get("model"), dict)  # a cfg with sections, or one flat namespace
-        inner_model = inner["model"] if nested else inner
-        inner_task = (inner.get("task") if isinstance(inner.get("task"), dict) else {}) if nested else inner
-        # fairseq refuses to fine-tune with another normalisation than pretraining's
-        normalize = task.get("normalize", inner_task.get("normalize", model.get("normalize", False)))
-        return inner_model, normalize
-    return model, task.get("normalize", False)
-
-
-def _plain(obj: object, path: Path, depth: int = 0) -> object:
-    """fairseq options as dicts and lists: argparse Namespaces and omegaconf containers unpacked
-    (interpolations are left as written: nothing is evaluated)."""
-    if depth > MAX_NESTING:
-        raise CheckpointError(f"{path}: its options are nested more than {MAX_NESTING} deep")
-    if isinstance(obj, argparse.Namespace):
-        obj = vars(obj)
-    elif type(obj).__module__.split(".")[0] == "omegaconf":
-        from omegaconf import OmegaConf
-        obj = OmegaConf.to_container(obj, resolve=False)
-    if isinstance(obj, dict):
-        return {k: _plain(v, path, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, path, depth + 1) for v in obj]
-    return obj
-
-
-def _fairseq_vocab(path: Path, size: int) -> Vocabulary:
-    """fairseq keeps the letter dictionary beside the checkpoint (dict.ltr.txt): specials first."""
-    d = path.parent / "dict.ltr.txt"
-    if d.exists():
-        _regular_file(d)
-        try:
-            lines = d.read_bytes().decode("utf-8").splitlines()
-            tokens = ("<pad>", "<s>", "</s>", "<unk>") + tuple(line.split()[0] for line in lines if line.strip())
-            vocab = Vocabulary(tokens)
-        except OSError as e:
-            raise CheckpointError(f"{d}: cannot read ({e.strerror or e})") from e
-        except UnicodeDecodeError as e:
-            raise CheckpointError(f"{d}: not UTF-8 text (byte {e.start})") from e
-        except ValueError as e:
-            raise CheckpointError(f"{d}: {e}") from e
-        if len(vocab) != size:
-            raise CheckpointError(f"{d}: {len(vocab)} tokens but the CTC head has {size} outputs")
-        return vocab
-    if size == len(LIBRISPEECH_LETTERS):
-        return Vocabulary(LIBRISPEECH_LETTERS)
-    raise CheckpointError(f"{path}: fine-tuned checkpoint with {size} outputs needs its dict.ltr.txt beside it")
 
 
 # --------------------------------------------------------------------------- atomic writes
