@@ -256,6 +256,8 @@ def test_fairseq_finetuned_checkpoint_each_layout_gets_fairseq_normalisation(tmp
     err, hf_err = (got - want).abs().max().item(), (hf_style - want).abs().max().item()
     assert err < 1e-4
     assert hf_err > 100 * 1e-4  # the check tells the two normalisations apart
+    w2v2.save_pretrained(loaded, tmp_path / "hf")  # exported, it keeps fairseq's normalisation
+    assert w2v2.load_model(tmp_path / "hf").config == loaded.config
 
 
 def test_fairseq_legacy_serialization(tmp_path):

@@ -542,3 +542,19 @@ def test_finetune_reports_a_mistyped_init_path_with_the_other_problems(tmp_path,
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and not (tmp_path / "runs" / "ft").exists()
     assert "--init runs/pretrian: no such file or directory" in err and "missing.tsv" in err, err
+
+
+@settings(max_examples=int(os.environ.get("W2V2_FUZZ_CASES", 50)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1, max_size=3))
+def test_cli_on_any_config_values_exports_or_fails_in_one_line(template, tmp_path, capsys, changes):
+    d, out = tmp_path / "m", tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(template, d, dirs_exist_ok=True)
+    edit_json(d / "config.json", **changes)
+    rc = main(["export", str(d), str(out)])
+    err = capsys.readouterr().err.strip()
+    if rc == 0:
+        assert (out / "model.safetensors").is_file()
+    else:
+        assert rc == 1 and err.startswith("w2v2 export: error: ") and "\n" not in err and str(d) in err, err
