@@ -270,6 +270,16 @@ def storage_bomb(model_dir: Path, numel: int) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
+def legacy_storage_bomb(model_dir: Path, numel: int) -> None:
+    """pytorch_model.bin in the pre-zip format of torch < 1.6 whose pickle and storage header both
+    declare ``numel`` float32 elements for a 280 kB record."""
+    path = as_pytorch_bin(model_dir, {"w": torch.zeros(70001)}, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    at = data.rindex(struct.pack("<q", 70001))  # the storage's element count, just before its bytes
+    data = data[:at] + struct.pack("<q", numel) + data[at + 8:]
+    path.write_bytes(data.replace(b"J" + struct.pack("<i", 70001), b"J" + struct.pack("<i", numel)))
+
+
 def peak_rss_of_loads(sources: list[Path]) -> tuple[int, list[tuple[str, int]]]:
     """Load each of ``sources`` in one fresh interpreter, its address space capped (so that a
     regression fails the test instead of exhausting the machine). Returns its peak resident
@@ -302,9 +312,10 @@ def peak_rss_of_loads(sources: list[Path]) -> tuple[int, list[tuple[str, int]]]:
 
 def test_archive_and_config_bombs_are_refused_in_bounded_memory(tmp_path):
     """Each hostile file would make an unchecked loader allocate 512 MiB or more (a deflated record of
-    zeros; a pickle declaring a tensor far larger than its record; configs far wider or deeper than
-    their weights); each is refused with the loader's peak memory within 200 MiB of the
-    interpreter's own. Peak RSS is measured in a subprocess that loads them one after another."""
+    zeros; a pickle declaring a tensor far larger than its record, in the zip and the pre-zip
+    format; configs far wider or deeper than their weights); each is refused with the loader's peak memory within 200 MiB of the
+    interpreter's own (the pre-zip format reserves a declared storage but reads only the file's
+    bytes into it). Peak RSS is measured in a subprocess that loads them one after another."""
     def model(name: str) -> Path:
         w2v2.save_pretrained(w2v2.build_model(config.tiny(), vocab=VOCAB), tmp_path / name)
         return tmp_path / name
@@ -316,6 +327,8 @@ def test_archive_and_config_bombs_are_refused_in_bounded_memory(tmp_path):
     cases["deflate bomb"] = (bomb, r"is compressed, which torch\.save never does")
     storage_bomb(model("storage"), 2**31 - 1)
     cases["storage bomb"] = (tmp_path / "storage", r"pytorch_model\.bin: corrupted or truncated")
+    legacy_storage_bomb(model("legacy"), 2**31 - 1)
+    cases["legacy storage bomb"] = (tmp_path / "legacy", r"pytorch_model\.bin: corrupted or truncated")
     edit_json(model("wide") / "config.json", hidden_size=8192, num_attention_heads=2, num_conv_pos_embedding_groups=4)
     cases["wide config"] = (tmp_path / "wide", r"has shape .* the config implies")
     edit_json(model("deep") / "config.json", num_hidden_layers=1000, intermediate_size=200_000)
