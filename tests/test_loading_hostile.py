@@ -80,6 +80,8 @@ CONFIG_CASES = {
     "dropout 2": ({"hidden_dropout": 2.0}, r"hidden_dropout must be a probability"),
     "feature layers disagree": ({"num_feat_extract_layers": 3}, r"num_feat_extract_layers is 3 but conv_dim has 7"),
     "relu": ({"hidden_act": "relu"}, r"hidden_act='relu' is not supported"),
+    "8 kHz": ({"sampling_rate": 8000}, r"config\.json: the model takes audio at sampling_rate 8000; w2v2 reads all "
+                                      r"audio at 16000 Hz"),
     "more layers than weights": ({"num_hidden_layers": 3}, r"the config asks for 3 Transformer layers but the "
                                                            r"weights hold 2"),
     "fewer conv layers than weights": ({"conv_dim": [32] * 6, "conv_kernel": [10, 3, 3, 3, 3, 2],
@@ -106,8 +108,8 @@ def test_config_validation_covers_every_construction():
         config.tiny(num_hidden_layers=0)
     with pytest.raises(ValueError, match="conv_stride entries"):
         config.base().replace(conv_stride=(5, 2, 2, 2, 2, 2, 0))
-    with pytest.raises(ValueError, match="sampling_rate must be 16000"):
-        config.ModelConfig.from_dict({"sampling_rate": 8000})
+    with pytest.raises(ValueError, match="sampling_rate must be 1"):
+        config.ModelConfig.from_dict({"sampling_rate": 0})
     assert config.ModelConfig.from_dict(config.large().to_dict()) == config.large()
 
 

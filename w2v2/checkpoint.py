@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from . import convert
-from .config import AUDIO_RATE, PRESETS, ModelConfig, preset
+from .audio import SAMPLE_RATE
+from .config import PRESETS, ModelConfig, preset
 from .fairseq_format import read_fairseq
 from .fileio import atomic_write_bytes, atomic_write_text, verify_checksums
 from .model import Wav2Vec2, build_model
@@ -217,6 +218,9 @@ def _load_hf_dir(path: Path) -> Wav2Vec2:
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face-layout model directory)")
     hf_cfg = read_json(cfg_path)
     cfg = convert.config_from_hf(hf_cfg, source=str(cfg_path))
+    if cfg.sampling_rate != SAMPLE_RATE:
+        raise CheckpointError(f"{cfg_path}: the model takes audio at sampling_rate {cfg.sampling_rate}; w2v2 reads "
+                              f"all audio at {SAMPLE_RATE} Hz")
     pre = path / "preprocessor_config.json"
     if pre.exists():
         cfg = _with_preprocessor(cfg, read_json(pre), pre)
@@ -242,10 +246,10 @@ def _with_preprocessor(cfg: ModelConfig, pre: object, path: Path) -> ModelConfig
     normalize = pre.get("do_normalize", True)
     if not isinstance(normalize, bool):
         raise CheckpointError(f"{path}: do_normalize must be true or false, got {normalize!r}")
-    rate = pre.get("sampling_rate", AUDIO_RATE)
-    if rate != AUDIO_RATE:
+    rate = pre.get("sampling_rate", SAMPLE_RATE)
+    if rate != SAMPLE_RATE:
         raise CheckpointError(f"{path}: the model takes audio at sampling_rate {rate!r}; w2v2 reads all audio at "
-                              f"{AUDIO_RATE} Hz")
+                              f"{SAMPLE_RATE} Hz")
     return cfg.replace(do_normalize=normalize)
 
 

@@ -106,7 +106,7 @@ MAX_WIDTH = 1 << 16  # conv channels, hidden size, codevector sizes
 MAX_FFN = 1 << 18
 MAX_KERNEL = 4096  # conv kernels, strides and the positional convolution's kernel
 MAX_VOCAB = 1 << 20
-AUDIO_RATE = 16000  # every reader of audio in w2v2 resamples to this rate
+MAX_RATE = 1_000_000  # samples per second
 DROPOUTS = ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
             "layerdrop")
 
@@ -154,9 +154,7 @@ def _range_problems(c: ModelConfig) -> list[str]:
     for name in ("layer_norm_eps", "normalize_eps"):
         if not 0.0 < getattr(c, name) < 1.0:
             problems.append(f"{name} must be in (0, 1), got {getattr(c, name)}")
-    if c.sampling_rate != AUDIO_RATE:
-        problems.append(f"sampling_rate must be {AUDIO_RATE} (w2v2 reads all audio at {AUDIO_RATE} Hz), "
-                        f"got {c.sampling_rate}")
+    bounded("sampling_rate", c.sampling_rate, MAX_RATE)
     return problems
 
 
