@@ -64,10 +64,10 @@ CONFIG_CASES = {
     "no heads": ({"num_attention_heads": 0}, r"config\.json: num_attention_heads must be 1\.\.\d+, got 0"),
     "stride 0": ({"conv_stride": [5, 0, 2, 2, 2, 2, 2]}, r"config\.json: conv_stride entries must be 1\.\."),
     "kernel -3": ({"conv_kernel": [10, -3, 3, 3, 3, 2, 2]}, r"config\.json: conv_kernel entries must be"),
-    "layers -1": ({"num_hidden_layers": -1}, r"config\.json: num_hidden_layers must be 1\.\.\d+, got -1"),
-    "layers 0": ({"num_hidden_layers": 0}, r"config\.json: num_hidden_layers must be 1\.\.\d+, got 0"),
+    "layers -1": ({"num_hidden_layers": -1}, r"config\.json: num_hidden_layers must be 0\.\.\d+, got -1"),
+    "layers 0": ({"num_hidden_layers": 0}, r"the config asks for 0 Transformer layers but the weights hold 2"),
     "layers true": ({"num_hidden_layers": True}, r"config\.json: num_hidden_layers: expected an integer, got True"),
-    "a million layers": ({"num_hidden_layers": 1_000_000}, r"config\.json: num_hidden_layers must be 1\.\.1024"),
+    "a million layers": ({"num_hidden_layers": 1_000_000}, r"config\.json: num_hidden_layers must be 0\.\.1024"),
     "huge ffn": ({"intermediate_size": 10_000_000}, r"config\.json: intermediate_size must be 1\.\."),
     "heads do not divide": ({"num_attention_heads": 3}, r"config\.json: hidden_size 32 is not divisible by "
                                                         r"num_attention_heads 3"),
@@ -105,7 +105,7 @@ def test_bad_config_values_are_named(model_dir, case):
 def test_config_validation_covers_every_construction():
     """Presets, replace() and from_dict share the checks (random inits and pretraining recipes too)."""
     with pytest.raises(ValueError, match="num_hidden_layers must be"):
-        config.tiny(num_hidden_layers=0)
+        config.tiny(num_hidden_layers=-1)
     with pytest.raises(ValueError, match="conv_stride entries"):
         config.base().replace(conv_stride=(5, 2, 2, 2, 2, 2, 0))
     with pytest.raises(ValueError, match="sampling_rate must be 1"):

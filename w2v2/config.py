@@ -132,7 +132,7 @@ def _range_problems(c: ModelConfig) -> list[str]:
     if c.feat_extract_norm not in ("group", "layer"):
         problems.append(f"feat_extract_norm must be 'group' or 'layer', got {c.feat_extract_norm!r}")
     bounded("hidden_size", c.hidden_size, MAX_WIDTH)
-    bounded("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS)
+    bounded("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS, lo=0)  # 0: the feature encoder alone
     bounded("num_attention_heads", c.num_attention_heads, MAX_WIDTH)
     bounded("intermediate_size", c.intermediate_size, MAX_FFN)
     bounded("num_conv_pos_embeddings", c.num_conv_pos_embeddings, MAX_KERNEL)
