@@ -478,7 +478,7 @@ def test_cli_reports_bad_models_in_one_line_with_status_1(model_dir, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("w2v2 export: error: ") and str(model_dir) in err, err
     assert "\n" not in err and "Traceback" not in err and "internal error" not in err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_cli_reports_unsafe_pickle_and_nan_weights_in_one_line(model_dir, tmp_path, capsys):
