@@ -36,8 +36,9 @@ from torch import Tensor
 import transformers
 
 import w2v2
-from w2v2 import convert, kernels
+from w2v2 import convert
 from w2v2.config import preset
+from w2v2.fast import onednn
 
 DEV = "cuda"
 DRY = False  # --dry: tiny models and inputs on the CPU, to test this script without a GPU
@@ -235,7 +236,7 @@ def cold_worker(variant: str) -> dict:
         hf, ours = pair("base", tmp)
     lib, prec, *layout = variant.split()
     if layout:
-        kernels.CHANNELS_LAST.add(torch.device(DEV).type)
+        onednn.channels_last = lambda device: True
     runner, model = (tf_run, hf) if lib == "tf" else (ours_run, ours)
     calls = {s: runner(model, torch.randn(1, int((0.5 if DRY else 1) * s * 16000), device=DEV), prec)
              for s in (*COLD_SHAPES, 40)}

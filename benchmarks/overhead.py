@@ -9,9 +9,9 @@ The model is BASE's op sequence with tiny widths ("skinny BASE": 7 convolutions 
 kernels and strides, group norm, 12 Transformer layers, positional convolution; 16 conv channels,
 hidden size 32) on 0.2 s of input, so that the arithmetic is negligible and what is left is the
 work around it: Python, the dispatcher, allocations, launches. On the CPU, ours runs its plain
-PyTorch path with channels-first convolutions (``kernels.ENABLED = False``,
-``kernels.CHANNELS_LAST = set()``), the ops it issues on a GPU; the oneDNN kernels it uses on
-CPUs are left out on purpose. The calls are inference.py's: transformers in eval mode under
+fast path with public operators only and channels-first convolutions
+(``w2v2.fast.onednn.PRIVATE_OPS = False``), the ops it issues on a GPU; the oneDNN kernels it uses
+on CPUs are left out on purpose. The calls are inference.py's: transformers in eval mode under
 ``inference_mode`` (bf16: ``torch.autocast``), ours through ``model.infer`` ("ours fast": bf16). "aten ops" counts the
 operators each call dispatches (a ``TorchDispatchMode``): on a GPU, about one kernel each.
 """
@@ -28,7 +28,7 @@ import inference
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from w2v2 import kernels
+from w2v2.fast import onednn
 
 SKINNY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, conv_dim=(16,) * 7,
               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
@@ -56,7 +56,7 @@ def main() -> None:
     repeats = args.repeats or (20 if args.quick else 200)
     dev = torch.device(args.device)
     if dev.type == "cpu":
-        kernels.ENABLED, kernels.CHANNELS_LAST = False, set()
+        onednn.PRIVATE_OPS = False
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = harness.model_pair(tmp, harness.hf_config("base", **SKINNY))
     hf, ours = hf.to(dev), ours.to(dev)
@@ -75,7 +75,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.machine()}, device {dev}, threads {torch.get_num_threads()}, "
           f"{repeats} timed calls (median), skinny BASE on 1 x {args.seconds} s, load average {harness.load_average()}")
     if dev.type == "cpu":
-        print("ours on its plain-PyTorch path with channels-first convolutions (its GPU ops)")
+        print("ours on its fast path with public operators and channels-first convolutions (its GPU ops)")
     ref = t["transformers fp32"]  # "ours fast" is ours in bf16
     print(harness.markdown_table(
         ["implementation", "ms per call", "vs transformers fp32", "aten ops per call", "most frequent ops"],

@@ -8,8 +8,11 @@
     and for pretraining Z -> GumbelQuantizer -> Q, with project_hid(C) and project_q(Q).
 
 Precision: ``model.set_precision("fp32" | "bf16" | "auto")`` (default ``"fp32"``). In bf16 the
-model computes on cached bfloat16 copies of its float32 parameters; outputs are float32 either way.
+forward runs under ``torch.autocast``; parameters and outputs are float32 either way.
 ``model.infer(...)`` is ``forward`` for inference: eval mode, no autograd bookkeeping.
+
+Every part is plain PyTorch; :func:`build_model` gives the parts the fast forwards of
+``w2v2/fast/`` (same parameters, same function; ``W2V2_FAST=0`` switches them off).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import fast
 from . import precision as _precision
 from .config import ModelConfig
-from .kernels import Dropout, clear_cache
-from .modules import Encoder, FeatureEncoder, FeatureProjection, GumbelQuantizer, lengths_to_mask, project
+from .modules import Encoder, FeatureEncoder, FeatureProjection, GumbelQuantizer, lengths_to_mask
 from .vocab import Vocabulary
 
 
@@ -76,7 +79,7 @@ class Wav2Vec2(nn.Module):
             self.quantizer = GumbelQuantizer(cfg)
             self.project_hid = nn.Linear(cfg.hidden_size, cfg.proj_codevector_dim)
             self.project_q = nn.Linear(cfg.codevector_dim, cfg.proj_codevector_dim)
-        self.final_dropout = Dropout(cfg.final_dropout)
+        self.final_dropout = nn.Dropout(cfg.final_dropout)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size) if cfg.vocab_size else None
         self.feature_grad_scale = 1.0  # set by training (0.1 for pretraining, 0 freezes)
         self.precision = "fp32"  # see set_precision
@@ -84,7 +87,8 @@ class Wav2Vec2(nn.Module):
     # ------------------------------------------------------------------ precision
     def set_precision(self, precision: str) -> "Wav2Vec2":
         """Compute in ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware multiplies it
-        natively: CUDA, or CPUs with AMX-BF16/AVX512-BF16). Parameters stay float32."""
+        natively: CUDA, or CPUs with AMX-BF16/AVX512-BF16). Parameters stay float32; bf16 runs
+        the forward under ``torch.autocast``."""
         self.precision = _precision.check_precision(precision)
         return self
 
@@ -92,9 +96,16 @@ class Wav2Vec2(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return _precision.resolve(self.precision, self.device)
 
+    def autocast(self):
+        """The forward's precision: bf16 autocast, or (fp32) whatever autocast the caller entered."""
+        dtype = self.compute_dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def clear_cache(self) -> "Wav2Vec2":
-        """Free derived weights kept for fast inference (bf16 copies, stacked q/k/v); rebuilt on demand."""
-        clear_cache(self)
+        """Free derived weights the fast path keeps (bf16 copies, stacked q/k/v); rebuilt on demand."""
+        fast.clear_cache(self)
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -140,17 +151,16 @@ class Wav2Vec2(nn.Module):
             return None  # nothing is padded: take the fast path
         return lengths
 
-    def extract(self, wav: Tensor, lengths: Tensor | None,
-                dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """X -> (Z raw (batch, frames, conv_dim) in ``dtype``, frame lengths, frame mask or None)."""
+    def extract(self, wav: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """X -> (Z raw (batch, frames, conv_dim), frame lengths (batch,), frame mask (batch, frames) or None)."""
         lengths = self._check_input(wav, lengths)
         x = self.normalize(wav, lengths)
         frozen = self.training and self.feature_grad_scale == 0
         with torch.no_grad() if frozen else contextlib.nullcontext():  # frozen: the lean no-grad path
-            z = self.feature_extractor(x, lengths, dtype=dtype)
+            z = self.feature_extractor(x, lengths)
         if self.feature_grad_scale not in (0.0, 1.0) and self.training:
             z = GradScale.apply(z, self.feature_grad_scale)
-        z = z.transpose(1, 2)  # (batch, frames, conv_dim), contiguous
+        z = z.transpose(1, 2)  # (batch, frames, conv_dim)
         frames = z.shape[1]
         if lengths is None:
             flen = torch.full((wav.shape[0],), frames, dtype=torch.long, device=wav.device)
@@ -169,20 +179,20 @@ class Wav2Vec2(nn.Module):
         (SpecAugment-style masking in fine-tuning; both act on the projected features, the
         Transformer's input, as in fairseq and Hugging Face). ``num_layers`` runs only the
         first N Transformer layers (features for downstream tasks)."""
-        dtype = self.compute_dtype
-        z, flen, fmask = self.extract(waveforms, lengths, dtype)
-        x, normed = self.feature_projection(z)
-        if mask_time_indices is not None:
-            x = torch.where(mask_time_indices[..., None], self.masked_spec_embed.to(x.dtype), x)
-        if mask_channel_indices is not None:
-            if mask_channel_indices.shape != (x.shape[0], x.shape[2]):
-                raise ValueError(f"mask_channel_indices must be (batch, hidden) = {(x.shape[0], x.shape[2])}, "
-                                 f"got {tuple(mask_channel_indices.shape)}")
-            x = x.masked_fill(mask_channel_indices[:, None, :], 0.0)
-        c, hidden = self.encoder(x, fmask, num_layers=num_layers, output_hidden_states=output_hidden_states)
-        logits = None
-        if self.lm_head is not None and num_layers is None:
-            logits = project(self.lm_head, self.final_dropout(c)).float()
+        with self.autocast():
+            z, flen, fmask = self.extract(waveforms, lengths)
+            x, normed = self.feature_projection(z)  # (batch, frames, hidden), (batch, frames, conv_dim)
+            if mask_time_indices is not None:
+                x = torch.where(mask_time_indices[..., None], self.masked_spec_embed.to(x.dtype), x)
+            if mask_channel_indices is not None:
+                if mask_channel_indices.shape != (x.shape[0], x.shape[2]):
+                    raise ValueError(f"mask_channel_indices must be (batch, hidden) = {(x.shape[0], x.shape[2])}, "
+                                     f"got {tuple(mask_channel_indices.shape)}")
+                x = x.masked_fill(mask_channel_indices[:, None, :], 0.0)
+            c, hidden = self.encoder(x, fmask, num_layers=num_layers, output_hidden_states=output_hidden_states)
+            logits = None
+            if self.lm_head is not None and num_layers is None:
+                logits = self.lm_head(self.final_dropout(c)).float()  # (batch, frames, vocab)
         if hidden is not None:
             hidden = [h.float() for h in hidden]
         return ModelOutput(lengths=flen, last_hidden_state=c.float(), logits=logits,
@@ -206,21 +216,22 @@ class Wav2Vec2(nn.Module):
         """Context and quantized targets for every frame; the loss picks the masked ones."""
         if self.quantizer is None:
             raise ValueError("this model has no quantizer: build it with with_quantizer=True to pretrain")
-        z, flen, fmask = self.extract(waveforms, lengths, self.compute_dtype)
-        valid = fmask if fmask is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        features_pen = z.float().pow(2)[valid].mean()
-        x, normed = self.feature_projection(z)
-        x = torch.where(mask_time_indices[..., None], self.masked_spec_embed.to(x.dtype), x)
-        c, _ = self.encoder(x, fmask)
-        q, probs, idx = self.quantizer(normed)
-        return PretrainingOutput(
-            lengths=flen,
-            projected_context=project(self.project_hid, c).float(),
-            projected_quantized=project(self.project_q, q.to(c.dtype)).float(),
-            code_probs=probs,
-            code_indices=idx,
-            features_pen=features_pen,
-        )
+        with self.autocast():
+            z, flen, fmask = self.extract(waveforms, lengths)
+            valid = fmask if fmask is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+            features_pen = z.float().pow(2)[valid].mean()
+            x, normed = self.feature_projection(z)
+            x = torch.where(mask_time_indices[..., None], self.masked_spec_embed.to(x.dtype), x)
+            c, _ = self.encoder(x, fmask)
+            q, probs, idx = self.quantizer(normed)
+            return PretrainingOutput(
+                lengths=flen,
+                projected_context=self.project_hid(c).float(),
+                projected_quantized=self.project_q(q.to(c.dtype)).float(),
+                code_probs=probs,
+                code_indices=idx,
+                features_pen=features_pen,
+            )
 
     # ------------------------------------------------------------------ conversions
     def without_quantizer(self) -> "Wav2Vec2":
@@ -263,6 +274,7 @@ def init_weights(model: Wav2Vec2) -> Wav2Vec2:
 
 def build_model(cfg: ModelConfig, *, with_quantizer: bool = False, vocab: Vocabulary | None = None,
                 init: bool = True) -> Wav2Vec2:
-    """The one builder: a randomly initialised model for ``cfg``."""
+    """The one builder: a randomly initialised model for ``cfg``, with the fast forwards installed
+    (:func:`w2v2.fast.install`; ``Wav2Vec2(cfg)`` alone is the plain model)."""
     model = Wav2Vec2(cfg, with_quantizer=with_quantizer, vocab=vocab)
-    return init_weights(model) if init else model
+    return fast.install(init_weights(model) if init else model)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .fast import onednn
+
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -51,7 +53,7 @@ def fast_bf16(device: torch.device | str) -> bool:
     if device.type == "cpu":
         cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
         return (bool(cpu_bf16_flags()) and cap.strip().upper() not in ONEDNN_CAPS_WITHOUT_BF16
-                and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+                and torch.backends.mkldnn.is_available() and onednn.bf16_supported())
     return False
 
 
