@@ -154,7 +154,7 @@ class Wav2Vec2(nn.Module):
     def extract(self, wav: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """X -> (Z raw (batch, frames, conv_dim), frame lengths (batch,), frame mask (batch, frames) or None)."""
         lengths = self._check_input(wav, lengths)
-        x = self.normalize(wav, lengths)
+        x = self.normalize(wav.float(), lengths)  # float32 whatever the input dtype
         frozen = self.training and self.feature_grad_scale == 0
         with torch.no_grad() if frozen else contextlib.nullcontext():  # frozen: the lean no-grad path
             z = self.feature_extractor(x, lengths)

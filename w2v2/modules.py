@@ -44,6 +44,7 @@ class MaskedGroupNorm(nn.GroupNorm):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:  # x: (batch, channels, time)
         if lengths is None:
             return super().forward(x)
+        x = x.float()  # statistics in float32, as autocast computes nn.GroupNorm
         mask = lengths_to_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)  # (batch, 1, time)
         count = lengths.clamp(min=1)[:, None, None].to(x.dtype)
         mean = (x * mask).sum(-1, keepdim=True) / count

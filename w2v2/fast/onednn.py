@@ -1,8 +1,8 @@
 """CPU kernels of the fast path: oneDNN products and convolutions, and a cheaper dropout mask.
 
-On x86 CPUs PyTorch runs float32 ``F.linear``/``torch.mm`` through MKL, whose code path on some
-processors (AMD) runs at about half of oneDNN's speed; oneDNN (``torch.ops.mkldnn``) also fuses
-GELU or a residual add into a product. Convolutions over time run channels-last: a
+On x86 CPUs PyTorch runs float32 ``F.linear``/``torch.mm`` through MKL, which takes a slower
+generic code path on some processors (docs/performance.md); oneDNN (``torch.ops.mkldnn``) does not,
+and fuses GELU or a residual add into a product. Convolutions over time run channels-last: a
 ``(batch, channels, 1, time)`` view of ``(batch, time, channels)`` memory, oneDNN's native layout,
 so no transpose is needed (:func:`channels_last`).
 
@@ -66,12 +66,23 @@ def _linear_add_probe(dtype) -> bool:
     return torch.equal(torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add"), F.linear(x, w, b) + r)
 
 
-def _conv_probe(dtype) -> bool:
+def _conv_inputs(dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """A grouped, strided, padded convolution over time as :func:`conv_time` issues it."""
     x = _exact(2, 4, 1, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = _exact(6, 2, 1, 3, dtype=dtype, seed=1).contiguous(memory_format=torch.channels_last)
-    b = _exact(6, dtype=dtype, seed=2)
+    return x, w, _exact(6, dtype=dtype, seed=2)
+
+
+def _conv_probe(dtype) -> bool:
+    x, w, b = _conv_inputs(dtype)
     got = torch.ops.mkldnn._convolution_pointwise(x, w, b, [0, 1], [1, 2], [1, 1], 2, "none", [None], "")
     return torch.equal(got, F.conv2d(x, w, b, stride=(1, 2), padding=(0, 1), groups=2))
+
+
+def _conv_gelu_probe(dtype) -> bool:
+    x, w, b = _conv_inputs(dtype)
+    got = torch.ops.mkldnn._convolution_pointwise(x, w, b, [0, 1], [1, 2], [1, 1], 2, "gelu", [None], "none")
+    return _close(got, F.gelu(F.conv2d(x, w, b, stride=(1, 2), padding=(0, 1), groups=2).float()))
 
 
 def _softmax_backward_probe(dtype) -> bool:
@@ -92,7 +103,7 @@ def _gelu_inplace_probe(dtype) -> bool:
 
 PROBES: dict[str, Callable[[torch.dtype], bool]] = {
     "linear": _linear_probe, "linear_gelu": _linear_gelu_probe, "linear_add": _linear_add_probe,
-    "conv": _conv_probe, "softmax_backward": _softmax_backward_probe,
+    "conv": _conv_probe, "conv_gelu": _conv_gelu_probe, "softmax_backward": _softmax_backward_probe,
     "gelu_backward": _gelu_backward_probe, "gelu_": _gelu_inplace_probe,
 }
 
@@ -322,7 +333,7 @@ def conv_time(x: Tensor, w: Tensor, b: Tensor | None, *, stride: int = 1, paddin
         y = F.conv1d(x.transpose(1, 2).contiguous(), w, b, stride=stride, padding=padding, groups=groups)
         return (F.gelu(y) if gelu else y).transpose(1, 2).contiguous()
     x4 = x.transpose(1, 2).unsqueeze(2)  # (batch, channels, 1, time): channels-last strides, no copy
-    if not needs_grad(x, w, b) and ok("conv", x, w, b):
+    if not needs_grad(x, w, b) and ok("conv_gelu" if gelu else "conv", x, w, b):
         y = torch.ops.mkldnn._convolution_pointwise(
             x4, w, b, [0, padding], [1, stride], [1, 1], groups, "gelu" if gelu else "none", [None],
             "none" if gelu else "")

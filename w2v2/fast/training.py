@@ -59,7 +59,7 @@ class AttentionTrain(torch.autograd.Function):
 
     The (time x time) matrices only ever enter a product as oneDNN's right operand (plain or
     transposed, no copy): products with a (time x time) left factor are computed transposed (a
-    transposed left operand is copied first, 3x the product's time at 500 frames). The dropout
+    transposed left operand is copied first, which costs more than the product). The dropout
     mask multiplies through :func:`masked`; its 1/(1-p) scale goes onto the small
     (time x head_dim) results, so bf16 never rounds the scale itself."""
 
@@ -169,7 +169,7 @@ class FirstConvTrain(torch.autograd.Function):
     kernel) and b (batch, out): each utterance's folded weights.
 
     Forward: oneDNN products with bias and GELU fused, chunk by chunk; saves u, w and b only, not
-    the (batch, frames, out) pre-activation (105 MB for 8 x 4 s of `small`). Backward recomputes
+    the (batch, frames, out) pre-activation, the largest activation of the encoder. Backward recomputes
     the pre-activation chunk by chunk (a product over 10 taps, cheap) while it is in cache, applies
     GELU's derivative there and accumulates the weight and bias gradients: no full-size
     pre-activation or GELU-gradient tensor ever exists."""
@@ -218,9 +218,8 @@ class GroupedConvTrain(torch.autograd.Function):
     channels-last x (batch, time, in) -> (batch, time', out); w (out, in/groups, kernel). For the
     positional convolution (kernel 128, 16 groups in BASE).
 
-    Backward as two forward convolutions, which oneDNN runs several times faster than PyTorch's
-    convolution backward here (BASE 2 x 10 s: 136 instead of ~220 ms in fp32, 54 instead of
-    ~145 ms in bf16): the input gradient convolves the output gradient with the kernel flipped in
+    Backward as two forward convolutions, which oneDNN runs faster than PyTorch's convolution
+    backward for this shape (docs/performance.md): the input gradient convolves the output gradient with the kernel flipped in
     time and transposed within each group; the weight gradient is a grouped convolution of the
     padded input (input channel as batch, (group, utterance) as channels) by the output gradient
     ((group, output channel) as output channels, utterance as input channels, time as kernel)."""
