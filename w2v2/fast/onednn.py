@@ -58,7 +58,8 @@ def _close(got: Tensor, want: Tensor) -> bool:
 
 def _linear_gelu_probe(dtype) -> bool:
     x, w, b = _exact(5, 8, dtype=dtype), _exact(4, 8, dtype=dtype, seed=1), _exact(4, dtype=dtype, seed=2)
-    return _close(torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [None], "none"), F.gelu(F.linear(x, w, b).float()))
+    got = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [None], "none")
+    return _close(got, F.gelu(F.linear(x, w, b).float()))
 
 
 def _linear_add_probe(dtype) -> bool:

@@ -219,8 +219,8 @@ class GroupedConvTrain(torch.autograd.Function):
     positional convolution (kernel 128, 16 groups in BASE).
 
     Backward as two forward convolutions, which oneDNN runs faster than PyTorch's convolution
-    backward for this shape (docs/performance.md): the input gradient convolves the output gradient with the kernel flipped in
-    time and transposed within each group; the weight gradient is a grouped convolution of the
+    backward for this shape (docs/performance.md): the input gradient convolves the output
+    gradient with the kernel flipped in time and transposed within each group; the weight gradient is a grouped convolution of the
     padded input (input channel as batch, (group, utterance) as channels) by the output gradient
     ((group, output channel) as output channels, utterance as input channels, time as kernel)."""
 
