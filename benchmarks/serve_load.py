@@ -1,7 +1,7 @@
 """Load test of ``w2v2 serve``: N concurrent clients against one client at a time, on loopback.
 
     python benchmarks/serve_load.py                         # 8 clients, 60 s per phase, embedded model
-    python benchmarks/serve_load.py --seconds 600           # the 10-minute soak (memory must stay flat)
+    python benchmarks/serve_load.py --seconds 600 --sequential-seconds 60   # the 10-minute soak (flat memory)
     python benchmarks/serve_load.py --quick                 # 2 clients, 10 s per phase: tests the script
     python benchmarks/serve_load.py --model DIR --clients 16 --threads 2
 
@@ -115,7 +115,7 @@ def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Even
         samples.append((time.monotonic(), kb * 1024))
 
 
-def run_phase(args, inputs, clients: int) -> dict:
+def run_phase(args, inputs, clients: int, seconds: float) -> dict:
     env = {"OMP_NUM_THREADS": str(args.threads)}
     server_args = ["--max-queue", str(max(16, 2 * clients))] + (["--model", args.model] if args.model else [])
     server = ServerProcess(*server_args, env=env)
@@ -124,7 +124,7 @@ def run_phase(args, inputs, clients: int) -> dict:
     sampler = threading.Thread(target=rss_sampler, args=(server.pid, samples, stop), daemon=True)
     sampler.start()
     try:
-        phase = Phase(server.url, inputs, clients, args.seconds, args.max_requests)
+        phase = Phase(server.url, inputs, clients, seconds, args.max_requests)
         wall = phase.run()
     finally:
         stop.set()
@@ -146,7 +146,9 @@ def run_phase(args, inputs, clients: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=8, help="concurrent clients in the loaded phase")
-    p.add_argument("--seconds", type=float, default=60.0, help="length of each phase")
+    p.add_argument("--seconds", type=float, default=60.0, help="length of the loaded phase")
+    p.add_argument("--sequential-seconds", type=float, default=None,
+                   help="length of the one-client phase; None: --seconds")
     p.add_argument("--max-requests", type=int, default=5000, help="bound on the requests of each phase")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
     p.add_argument("--model", default=None, help="served model (default: the embedded one)")
@@ -154,12 +156,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.seconds = 2, min(args.seconds, 10.0)
+    sequential = args.sequential_seconds or args.seconds
     with tempfile.TemporaryDirectory(prefix="w2v2-load-") as tmp:
         inputs = make_inputs(Path(tmp))
         print(f"inputs: {len(inputs)} files, {sum(s for _, s in inputs):.0f} s of real speech, "
               f"{min(s for _, s in inputs):.1f}-{max(s for _, s in inputs):.0f} s each; server threads {args.threads}; "
-              f"{args.seconds:g} s per phase", flush=True)
-        results = [run_phase(args, inputs, 1), run_phase(args, inputs, args.clients)]
+              f"{sequential:g} s with one client, {args.seconds:g} s with {args.clients}", flush=True)
+        results = [run_phase(args, inputs, 1, sequential), run_phase(args, inputs, args.clients, args.seconds)]
     mb = 1 / (1 << 20)
     print("| clients | requests | errors | audio s / s | p50 s | p95 s | p99 s | peak RSS MB | RSS first → last quarter MB | exit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
