@@ -334,3 +334,22 @@ def test_terminal_on_standard_input_is_refused(model_dir):
         os.close(primary)
         os.close(secondary)
     assert proc.returncode == 1 and "<stdin>: is a terminal; pipe audio into it" in err, err
+
+
+def test_names_that_are_not_utf8_in_a_subprocess(corpus, model_dir, tmp_path):
+    """A Latin-1 file name is transcribed, and names in messages and headers still print, even
+    with a strict UTF-8 standard output."""
+    good = corpus["caf\udce9 \udcff.wav"].path
+    junk = tmp_path / "\udce9t\udce9.wav"
+    junk.write_bytes(b"not audio " * 10)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-m", "w2v2", "transcribe", "--model", str(model_dir), str(good),
+                           str(junk), str(tmp_path / "\udcffmissing.wav")],
+                          capture_output=True, env=env, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    shown = lambda p: str(p).encode("utf-8", "backslashreplace").decode()  # noqa: E731 - Python's stderr
+    assert stderr_lines(err) == [f"{shown(junk)}: not an audio file, or truncated/corrupt (Invalid data found when "
+                                 "processing input)", f"{shown(tmp_path)}/\\udcffmissing.wav: no such file",
+                                 "2 of 3 input(s) failed"]
+    assert proc.stdout.decode().splitlines()[0] == f"==> {shown(good)} <=="

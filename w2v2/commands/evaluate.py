@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def run(args) -> int:
         from ._shared import check_output_target
 
         check_output_target(args.out, folder=len(args.data) > 1, option="--out")
+    if not (math.isfinite(args.batch_seconds) and args.batch_seconds > 0):
+        raise ValueError(f"--batch-seconds must be a positive number, got {args.batch_seconds}")
     inputs = read_inputs(args)
     engine = build_engine(args)
     rows = []
