@@ -251,6 +251,8 @@ def _open_stream_path(path: str) -> Source:
 
 
 def _stdin() -> Source:
+    if sys.stdin is None:  # started with descriptor 0 closed
+        raise _error("<stdin>", "standard input is closed")
     buf = sys.stdin.buffer
     try:
         fd = buf.fileno()
