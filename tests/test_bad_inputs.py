@@ -318,8 +318,8 @@ def test_endless_garbage_on_standard_input_ends_quickly(model_dir, device):
     assert proc.returncode == 1, err
     assert max(samples, default=0) < 1500
     assert stderr_lines(err) == ["<stdin>: not an audio file, or truncated/corrupt (Invalid data found when processing "
-                                 "input); it was read as a stream (over 16 MB from a pipe), so a format that needs "
-                                 "seeking, such as an MP4 with its index at the end, must be given as a file",
+                                 "input); it was read as a stream (over 16 MB, without seeking), so a format that "
+                                 "needs seeking, such as an MP4 with its index at the end, must be given as a file",
                                  "1 of 1 input(s) failed"]
 
 

@@ -393,8 +393,8 @@ def _av_container(source: Source, name: str):
 def _stream_hint(source: Source) -> str:
     if not isinstance(source, _Stream):
         return ""
-    return (f"; it was read as a stream (over {STREAM_BUFFER_BYTES >> 20} MB from a pipe), so a format that "
-            "needs seeking, such as an MP4 with its index at the end, must be given as a file")
+    return (f"; it was read as a stream (over {STREAM_BUFFER_BYTES >> 20} MB, without seeking), so a format "
+            "that needs seeking, such as an MP4 with its index at the end, must be given as a file")
 
 
 def _open_av(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]:
