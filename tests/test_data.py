@@ -180,15 +180,16 @@ def test_loader_workers_start_with_stop_signals_blocked(tmp_path, monkeypatch):
 QUOTED = ['say "hi"', '"fully quoted, with ""doubled"" quotes"', "it's a 'single' quote", 'tab\\t"x']
 
 
-def every_reader(manifest) -> dict[str, list[str]]:
+def every_reader(manifest, monkeypatch) -> dict[str, list[str]]:
     """The transcripts of ``manifest`` as each part of w2v2 that reads manifests sees them."""
     import importlib
     import importlib.util
 
+    from .conftest import ROOT
     from .conftest import read_manifest as conftest_read
 
-    spec = importlib.util.spec_from_file_location("make_splits", data.__file__.replace(
-        os.path.join("w2v2", "data.py"), os.path.join("recipes", "make_splits.py")))
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))  # as when run as a script: its helpers beside it
+    spec = importlib.util.spec_from_file_location("make_splits", ROOT / "recipes" / "make_splits.py")
     make_splits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_splits)
     embed, evaluate = importlib.import_module("w2v2.embed"), importlib.import_module("w2v2.evaluate")
@@ -205,13 +206,13 @@ def every_reader(manifest) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
-def test_quotes_parse_the_same_in_every_reader(tmp_path, bom, newline):
+def test_quotes_parse_the_same_in_every_reader(tmp_path, bom, newline, monkeypatch):
     """No quoting anywhere: a '"' is a character; a byte order mark and CRLF lines are accepted."""
     write_clips(tmp_path, [0.1] * len(QUOTED), manifest=False)
     lines = [b"path\tseconds\tspeaker\ttext"] + [f"audio/clip{i:03d}.wav\t0.1\ts\t{t}".encode()
                                                  for i, t in enumerate(QUOTED)]
     (tmp_path / "manifest.tsv").write_bytes(bom + newline.join(lines) + newline)
-    seen = every_reader(tmp_path / "manifest.tsv")
+    seen = every_reader(tmp_path / "manifest.tsv", monkeypatch)
     assert all(texts == QUOTED for texts in seen.values()), seen
 
 
