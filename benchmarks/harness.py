@@ -59,8 +59,9 @@ def speech(seconds: float, batch: int = 1, seed: int = 0) -> torch.Tensor:
     if not (DATA / "manifest.tsv").exists():
         return torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))
     from w2v2.audio import load_audio
+    from w2v2.data import read_rows
 
-    rows = [line.split("\t")[0] for line in (DATA / "manifest.tsv").read_text().splitlines()[1:]]
+    rows = [r["path"] for r in read_rows(DATA / "manifest.tsv")]
     out, i = [], seed * 7
     for _ in range(batch):
         pieces, have = [], 0

@@ -9,7 +9,6 @@ difference of the log-probabilities (ours are stored as float16: 0.0005 is round
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from w2v2.audio import load_audio
 from w2v2.config import base, tiny
+from w2v2.data import read_rows
 from w2v2.emissions import compute_emissions, plan_chunks
 from w2v2.model import build_model
 from w2v2.text import build_vocabulary
@@ -32,8 +32,7 @@ SETTINGS = [(4.0, 0.02), (4.0, 1.0), (6.0, 2.0)]  # (chunk, stride) seconds
 
 
 def longest_clip() -> Path:
-    with open(DATA / "manifest.tsv", newline="") as f:
-        row = max(csv.DictReader(f, delimiter="\t"), key=lambda r: float(r["seconds"]))
+    row = max(read_rows(DATA / "manifest.tsv"), key=lambda r: float(r["seconds"]))
     return DATA / row["path"]
 
 

@@ -22,7 +22,6 @@ chunk layout, so they should agree but for near-ties of a random model.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -64,10 +63,10 @@ def make_speech(path: Path, seconds: float, folder: Path = DATA) -> Path:
     import soundfile as sf
 
     from w2v2.audio import list_audio_files, load_audio
+    from w2v2.data import read_rows
 
     if (folder / "manifest.tsv").exists():
-        with open(folder / "manifest.tsv", newline="") as f:
-            clips = [folder / r["path"] for r in csv.DictReader(f, delimiter="\t")]
+        clips = [folder / r["path"] for r in read_rows(folder / "manifest.tsv")]
     else:
         clips = [Path(p) for p in list_audio_files([str(folder)])]
     if not clips:

@@ -14,7 +14,7 @@ OUT_DIR (default runs/splits in the checkout, git-ignored):
 
 Each file is a manifest with the header ``path seconds speaker text``; paths are absolute,
 texts are the corpus's own, byte for byte (normalisation happens in training and scoring;
-manifests are read without CSV quoting, as ``w2v2.data.read_manifest`` does).
+manifests are read by ``w2v2.data.read_rows`` and written in its format: tabs, no quoting).
 
 The small training subsets spread over as many speakers as possible: the training speakers
 are shuffled, each speaker's utterances are shuffled, then utterances are taken round-robin
@@ -33,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from datapaths import data_dir, runs_dir  # recipes/datapaths.py
+from w2v2.data import ManifestError, read_rows
 
 DEFAULT_DATA = data_dir()
 DEFAULT_OUT = runs_dir() / "splits"
@@ -41,11 +42,11 @@ FIELDS = ("path", "seconds", "speaker", "text")
 
 
 def read_manifest(path: Path) -> list[dict]:
-    """Rows of a manifest with ``path`` made absolute (relative paths are relative to the manifest)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if rows and set(FIELDS) - set(rows[0]):
-        raise SystemExit(f"{path}: header must hold {' '.join(FIELDS)}, got {' '.join(rows[0])}")
+    """Rows of a manifest (``w2v2.data.read_rows``) with ``path`` made absolute."""
+    try:
+        rows = read_rows(path, required=FIELDS)
+    except ManifestError as e:
+        raise SystemExit(str(e)) from None
     for r in rows:
         r["path"] = str((path.parent / r["path"]).resolve())
     return rows

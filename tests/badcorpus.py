@@ -6,14 +6,37 @@
 Each :class:`Case` says what loading it must do: ``problem=None`` means it decodes (and so
 must transcribe); otherwise ``problem`` is a phrase the one-line :class:`w2v2.audio.AudioError`
 must contain. Files are small (a few kB each); nothing here needs real speech or the network.
+
+Besides files, the corpus holds what is not a regular file: symbolic link loops and broken
+links, a named pipe nobody writes to (the reader must give up after ``w2v2.audio.STREAM_WAIT_SECONDS``:
+lower it in tests, see :func:`quick_streams`), character devices (``/dev/zero``, ``/dev/null``),
+a socket, and a file whose name is not UTF-8. Streams that need a writer or run forever are made
+by :func:`feed_fifo` and :func:`endless_wav_header`; :func:`run_cli` runs a command in-process
+with a time limit, for tests of any class of input (model files included).
+
+Classes of hostile input and where each is tried:
+
+    files (truncated, garbage, odd formats)   write_corpus          test_bad_inputs, test_properties (fuzz)
+    not regular files, names                  write_corpus          test_bad_inputs
+    streams (stdin, pipes, endless input)     feed_fifo, endless_*  test_bad_inputs, test_audio
+    manifests (BOM, quotes, repeats, empty)   -                     test_data, test_upfront_checks
+    random files and arguments, every command -                     test_properties (CLI)
+    model files (archive and config bombs)    run_cli               the model-loading tests
+    outputs (full disk, clashes)              -                     the writers' tests
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
+import socket
 import struct
 import subprocess
+import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +96,73 @@ def write_sparse_wav(path: Path, seconds: float, sr: int = SR) -> None:
         f.write(burst)
 
 
+def wav_header(sr: int = SR, data_bytes: int = 0xFFFFFFFF) -> bytes:
+    """A 16-bit mono WAV header; the default size is what a program writing to a pipe puts there
+    (it cannot know the length): the audio runs until the stream ends."""
+    return (b"RIFF" + struct.pack("<I", min(36 + data_bytes, 0xFFFFFFFF)) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sr, 2 * sr, 2, 16) + b"data" + struct.pack("<I", data_bytes))
+
+
+def feed_fifo(path: str | os.PathLike, data: bytes, delay: float = 0.0) -> threading.Thread:
+    """Make a named pipe at ``path`` and a thread that writes ``data`` into it once, after ``delay``
+    seconds (a writer that dies of a closed reader is fine: the thread just ends)."""
+    os.mkfifo(path)
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            threading.Event().wait(delay)
+            with open(path, "wb") as f:
+                f.write(data)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def quick_streams(seconds: float = 0.5) -> Iterator[None]:
+    """Streams give up waiting for a first byte after ``seconds`` (a pipe without a writer)."""
+    import w2v2.audio
+
+    before = w2v2.audio.STREAM_WAIT_SECONDS
+    w2v2.audio.STREAM_WAIT_SECONDS = seconds
+    try:
+        yield
+    finally:
+        w2v2.audio.STREAM_WAIT_SECONDS = before
+
+
+class Hang(Exception):
+    """A command did not finish within its time limit."""
+
+
+def run_cli(argv: list[str], timeout: float = 120.0) -> tuple[int, str, str]:
+    """``w2v2.cli.main(argv)`` in this process: (exit status, stdout, stderr). A usage error's
+    ``SystemExit`` gives its status; a run longer than ``timeout`` seconds raises :class:`Hang`
+    (SIGALRM, so call it from the main thread)."""
+    from w2v2.cli import main
+
+    def alarm(signum, frame):
+        raise Hang(f"w2v2 {' '.join(argv)}: no answer within {timeout} s")
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return rc, out.getvalue(), err.getvalue()
+
+
+NOT_UTF8_NAME = os.fsdecode(b"caf\xe9 \xff.wav")  # Latin-1 bytes: valid on disk, not UTF-8
+
+
 def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Case]:
     """Write every case into ``folder`` (created); returns them by name, good ones first."""
     d = Path(folder)
@@ -116,6 +206,8 @@ def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Cas
     (d / "tagged.m4a").unlink()
     (d / "metadata_not_utf8.m4a").write_bytes(tagged.replace(b"QQQQQQQQ", bytes(range(0xFF, 0xF7, -1))))
     good("metadata_not_utf8.m4a", None)
+    sf.write(os.fsencode(d / NOT_UTF8_NAME), tone(1.0), SR, subtype="PCM_16")
+    good(NOT_UTF8_NAME, 1.0)
     if long:
         write_sparse_wav(d / "three_hours.wav", LONG_SECONDS)
         good("three_hours.wav", float(LONG_SECONDS))
@@ -156,4 +248,20 @@ def write_corpus(folder: str | os.PathLike, long: bool = False) -> dict[str, Cas
     sf.write(d / "unreadable.wav", tone(0.5), SR, subtype="PCM_16")
     os.chmod(d / "unreadable.wav", 0)
     bad("unreadable.wav", "permission denied")
+
+    # ---- not regular files
+    os.symlink("loop_b.wav", d / "loop_a.wav")
+    os.symlink("loop_a.wav", d / "loop_b.wav")
+    bad("loop_a.wav", "symbolic link loop")
+    os.symlink("nowhere.wav", d / "broken_link.wav")
+    bad("broken_link.wav", "broken symbolic link")
+    os.symlink(os.devnull, d / "dev_null.wav")  # a character device that ends at once
+    bad("dev_null.wav", "empty input")
+    os.symlink("/dev/zero", d / "dev_zero.wav")  # one that never ends (and is not audio)
+    bad("dev_zero.wav", "not an audio file")
+    os.mkfifo(d / "fifo_no_writer.wav")
+    bad("fifo_no_writer.wav", "no data within")
+    with socket.socket(socket.AF_UNIX) as sock:  # the file stays after the socket closes
+        sock.bind(str(d / "socket.wav"))
+    bad("socket.wav", "is a socket")
     return {c.name: c for c in cases}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -25,8 +24,10 @@ DATA = _find_data()
 
 
 def read_manifest(folder: Path) -> list[dict]:
-    with open(folder / "manifest.tsv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    """The rows of ``folder/manifest.tsv``, read as w2v2 reads every manifest."""
+    from w2v2.data import read_rows
+
+    return read_rows(folder / "manifest.tsv")
 
 
 @pytest.fixture(scope="session")

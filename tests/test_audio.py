@@ -1,6 +1,5 @@
 """Audio input on real speech from ../shared/data and on files made here (soundfile, ffmpeg)."""
 
-import csv
 import io
 import os
 import subprocess
@@ -15,6 +14,7 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import w2v2.audio
 from w2v2.audio import (
     SAMPLE_RATE,
     AudioError,
@@ -29,7 +29,7 @@ from w2v2.audio import (
     to_mono,
 )
 
-from tests.conftest import DATA
+from tests.conftest import DATA, read_manifest
 
 RATES = [8000, 11025, 16000, 22050, 44100, 48000]
 
@@ -38,8 +38,7 @@ def first_manifest_row(folder: str) -> tuple[Path, float]:
     manifest = DATA / folder / "manifest.tsv"
     if not manifest.exists():
         pytest.skip(f"{manifest} not found")
-    with open(manifest, newline="") as f:
-        row = next(csv.DictReader(f, delimiter="\t"))
+    row = read_manifest(DATA / folder)[0]
     return DATA / folder / row["path"], float(row["seconds"])
 
 
@@ -274,6 +273,99 @@ def test_stdin(fixture, monkeypatch, request):
     path = value[0] if isinstance(value, tuple) else value
     fake_stdin(monkeypatch, path.read_bytes())
     np.testing.assert_array_equal(load_audio("-"), load_audio(path))
+
+
+class Pipe(io.RawIOBase):
+    """Bytes that arrive a few at a time and cannot be sought, like a pipe."""
+
+    def __init__(self, data: bytes, step: int = 1000):
+        self.data, self.pos, self.step, self.reads = data, 0, step, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = min(len(b), self.step, len(self.data) - self.pos)
+        b[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        self.reads += 1
+        return n
+
+
+@pytest.mark.parametrize("buffer_bytes", [1 << 30, 4096])
+def test_stdin_pipe_streams_past_the_read_ahead(buffer_bytes, tmp_path, monkeypatch):
+    """A pipe shorter than the read-ahead is decoded like a file; a longer one as it arrives
+    (ffmpeg), reading little more than it decodes: the same samples either way."""
+    path = tmp_path / "long.wav"  # 80 s: longer than what ffmpeg reads to probe a format (~1 MB)
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(80 * 22050)).astype(np.float32), 22050,
+             subtype="PCM_16")
+    monkeypatch.setattr(w2v2.audio, "STREAM_BUFFER_BYTES", buffer_bytes)
+    raw = path.read_bytes()
+    pipe = Pipe(raw, step=4096)
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=pipe))
+    blocks = stream_audio("-", block_seconds=0.25)
+    first = next(blocks)
+    if buffer_bytes < len(raw):
+        assert pipe.pos < len(raw) // 2  # the first block came long before the end of the input was read
+    streamed = np.concatenate([first, *blocks])
+    whole = load_audio(path)
+    assert abs(len(streamed) - len(whole)) <= 2
+    n = min(len(streamed), len(whole))
+    assert np.abs(streamed[:n] - whole[:n]).max() < 1e-3
+
+
+def test_a_stream_too_long_to_load_whole_is_refused(stereo_44k, monkeypatch):
+    monkeypatch.setattr(w2v2.audio, "STREAM_BUFFER_BYTES", 4096)
+    monkeypatch.setattr(w2v2.audio, "STREAM_LOAD_SECONDS", 1.0)
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=Pipe(stereo_44k.read_bytes())))
+    with pytest.raises(AudioError, match="^<stdin>: a stream longer than 1 s cannot be loaded whole"):
+        load_audio("-")
+    monkeypatch.setattr(w2v2.audio, "STREAM_LOAD_SECONDS", 4.0)
+    assert len(load_audio(Pipe(stereo_44k.read_bytes()))) == len(load_audio(stereo_44k))  # within the limit: read
+
+
+def test_stdin_redirected_from_a_file_is_the_file(opus_file, monkeypatch, tmp_path):
+    with open(opus_file[0], "rb") as f:
+        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=f))
+        np.testing.assert_array_equal(load_audio("-"), load_audio(opus_file[0]))
+    (tmp_path / "empty").touch()
+    with open(tmp_path / "empty", "rb") as f:
+        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=f))
+        with pytest.raises(AudioError, match="^<stdin>: empty input"):
+            load_audio("-")
+
+
+def test_named_pipe_and_devices(opus_file, tmp_path, monkeypatch):
+    from tests.badcorpus import feed_fifo
+
+    feed_fifo(tmp_path / "pipe", opus_file[0].read_bytes())
+    assert audio_duration(tmp_path / "pipe") is None  # not opened: a pipe can be read once
+    np.testing.assert_array_equal(load_audio(tmp_path / "pipe"), load_audio(opus_file[0]))
+    monkeypatch.setattr(w2v2.audio, "STREAM_WAIT_SECONDS", 0.2)
+    with pytest.raises(AudioError, match="pipe: no data within 0.2 s"):
+        list(stream_audio(tmp_path / "pipe"))  # its writer is gone; nobody else comes
+    with pytest.raises(AudioError, match=f"^{os.devnull}: empty input"):
+        load_audio(os.devnull)
+    with pytest.raises(AudioError, match="^/dev/zero: not an audio file"):
+        load_audio("/dev/zero")
+
+
+def test_links_and_names(opus_file, tmp_path):
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    for read in (load_audio, audio_duration):
+        with pytest.raises(AudioError, match="a: symbolic link loop"):
+            read(tmp_path / "a")
+    os.symlink("gone.wav", tmp_path / "link.wav")
+    with pytest.raises(AudioError, match=r"link.wav: broken symbolic link \(its target gone.wav does not exist\)"):
+        load_audio(tmp_path / "link.wav")
+    latin1 = tmp_path / os.fsdecode(b"\xe9t\xe9.opus")  # a valid file whose name is not UTF-8
+    latin1.write_bytes(opus_file[0].read_bytes())
+    np.testing.assert_array_equal(load_audio(latin1), load_audio(opus_file[0]))
+    assert audio_duration(latin1) == audio_duration(opus_file[0])
+    with pytest.raises(AudioError) as info:
+        load_audio(tmp_path / os.fsdecode(b"\xff.wav"))
+    assert str(info.value).startswith(os.fsdecode(os.fsencode(tmp_path) + b"/\xff.wav: no such file"))
 
 
 def test_stdin_empty_and_garbage(monkeypatch):

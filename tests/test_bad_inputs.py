@@ -14,15 +14,19 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import w2v2.audio
-from tests.badcorpus import LONG_SECONDS, write_corpus, write_sparse_wav
+from tests.badcorpus import (LONG_SECONDS, feed_fifo, quick_streams, run_cli, tone, wav_header, write_corpus,
+                             write_sparse_wav)
 from tests.conftest import tiny_ctc_model
 from w2v2.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio, stream_audio
 from w2v2.checkpoint import CheckpointError, save_pretrained
@@ -37,6 +41,13 @@ FAST = ["--chunk-seconds", "4", "--stride-seconds", "1"]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(autouse=True)
+def _quick_streams():
+    """The corpus's pipe without a writer is given up after half a second, not a minute."""
+    with quick_streams(0.5):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +213,143 @@ def test_cli_transcribes_a_three_hour_file(model_dir, tmp_path, capsys):
     assert main(["transcribe", str(case.path), "--model", str(model_dir), "-f", "all", "-o", str(tmp_path / "out"),
                  "--batch-size", "4"]) == 0
     check_outputs(tmp_path / "out", case)
+
+
+# ---------------------------------------------------------------------------- streams
+def test_named_pipe_with_a_writer_is_read_once(corpus, model_dir, tmp_path):
+    """A pipe is opened once (no up-front check that opens and closes it, which would kill the
+    writer and leave the real open waiting forever): its transcript equals the file's."""
+    source = corpus["pcm16.wav"].path
+    feed_fifo(tmp_path / "pipe.wav", source.read_bytes(), delay=0.3)
+    rc, _, err = run_cli(["transcribe", str(tmp_path / "pipe.wav"), str(source), "--model", str(model_dir),
+                          "-f", "json", "-o", str(tmp_path / "out"), *FAST], timeout=120)
+    assert rc == 0 and err == "", err
+    piped, direct = (json.loads((tmp_path / "out" / f"{n}.json").read_text()) for n in ("pipe", "pcm16"))
+    assert piped["text"] == direct["text"] and piped["segments"] == direct["segments"]
+
+
+def test_named_pipe_in_an_evaluate_manifest(corpus, model_dir, tmp_path):
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(f"path\ttext\npipe.wav\tA B C\n{corpus['pcm16.wav'].path}\tA B\n")
+    feed_fifo(tmp_path / "pipe.wav", corpus["pcm16.wav"].path.read_bytes(), delay=0.3)
+    rc, out, err = run_cli(["evaluate", "--model", str(model_dir), "--data", str(manifest), "--device", "cpu"])
+    assert rc == 0 and "Traceback" not in err and " 2 " in out, (out, err)
+    (tmp_path / "pipe.wav").unlink()
+    os.mkfifo(tmp_path / "pipe.wav")  # nobody writes: an error naming it, after the (shortened) wait
+    rc, out, err = run_cli(["evaluate", "--model", str(model_dir), "--data", str(manifest), "--device", "cpu"])
+    assert rc == 1 and out == ""
+    assert stderr_lines(err)[-1] == f"w2v2 evaluate: error: {tmp_path / 'pipe.wav'}: no data within 0.5 s " \
+                                    "(does a program write to it?)"
+
+
+def w2v2_process(model_dir, stdin, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "w2v2", "transcribe", "--model", str(model_dir), *args],
+                            stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a running process, from /proc (None once it has gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024 if "VmRSS" in status else None
+
+
+def watch(proc: subprocess.Popen, seconds: float, limit_mb: float = 1500.0) -> list[float]:
+    """RSS samples (MB) every 0.2 s for up to ``seconds`` or until the process ends; a process
+    past ``limit_mb`` is killed at once (the test fails on the samples, the machine survives)."""
+    samples = []
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        rss = rss_mb(proc.pid)
+        if rss is not None:
+            samples.append(rss)
+            if rss > limit_mb:
+                break
+        time.sleep(0.2)
+    return samples
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads memory use from /proc")
+def test_endless_standard_input_streams_in_bounded_memory(model_dir):
+    """`producer | w2v2 transcribe -` where the producer never stops (a WAV header, then zeros, as
+    fast as they are taken): after the first 16 MB, memory stays flat while input keeps flowing."""
+    proc = w2v2_process(model_dir, subprocess.PIPE, "-")
+    sent = [0]
+
+    def produce() -> None:
+        block = bytes(1 << 20)
+        try:
+            proc.stdin.write(wav_header())
+            while proc.poll() is None:
+                proc.stdin.write(block)
+                sent[0] += len(block)
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        start = time.monotonic()
+        while sent[0] < 2 * w2v2.audio.STREAM_BUFFER_BYTES and time.monotonic() - start < 60 and proc.poll() is None:
+            time.sleep(0.1)  # past the read-ahead: from here on, only streaming
+        at_start, fed_at_start = rss_mb(proc.pid), sent[0]
+        samples = watch(proc, 6.0)
+        fed = sent[0] - fed_at_start
+    finally:
+        proc.kill()
+        proc.wait()
+        producer.join(5)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()  # it was still reading
+    assert fed > 8 << 20, f"only {fed} bytes taken in 6 s"  # the stream flowed (~4 min of audio)
+    assert max(samples) - at_start < 150, (at_start, samples)
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_endless_garbage_on_standard_input_ends_quickly(model_dir, device):
+    """`cat /dev/zero | w2v2 transcribe -`: refused after reading ahead, within seconds, in bounded memory."""
+    with open(device, "rb") as stdin:
+        proc = w2v2_process(model_dir, stdin, "-")
+        samples = watch(proc, 60.0)
+        proc.kill()
+        err = proc.communicate()[1].decode()
+    assert proc.returncode == 1, err
+    assert max(samples, default=0) < 1500
+    assert stderr_lines(err) == ["<stdin>: not an audio file, or truncated/corrupt (Invalid data found when processing "
+                                 "input); it was read as a stream (over 16 MB, without seeking), so a format that "
+                                 "needs seeking, such as an MP4 with its index at the end, must be given as a file",
+                                 "1 of 1 input(s) failed"]
+
+
+def test_terminal_on_standard_input_is_refused(model_dir):
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        proc = w2v2_process(model_dir, secondary, "-")
+        err = proc.communicate(timeout=120)[1].decode()
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert proc.returncode == 1 and "<stdin>: is a terminal; pipe audio into it" in err, err
+
+
+def test_names_that_are_not_utf8_in_a_subprocess(corpus, model_dir, tmp_path):
+    """A Latin-1 file name is transcribed, and names in messages and headers still print, even
+    with a strict UTF-8 standard output."""
+    good = corpus["caf\udce9 \udcff.wav"].path
+    junk = tmp_path / "\udce9t\udce9.wav"
+    junk.write_bytes(b"not audio " * 10)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-m", "w2v2", "transcribe", "--model", str(model_dir), str(good),
+                           str(junk), str(tmp_path / "\udcffmissing.wav")],
+                          capture_output=True, env=env, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    shown = lambda p: str(p).encode("utf-8", "backslashreplace").decode()  # noqa: E731 - Python's stderr
+    assert stderr_lines(err) == [f"{shown(junk)}: not an audio file, or truncated/corrupt (Invalid data found when "
+                                 "processing input)", f"{shown(tmp_path)}/\\udcffmissing.wav: no such file",
+                                 "2 of 3 input(s) failed"]
+    assert proc.stdout.decode().splitlines()[0] == f"==> {shown(good)} <=="

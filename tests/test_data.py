@@ -174,3 +174,58 @@ def test_loader_workers_start_with_stop_signals_blocked(tmp_path, monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not hits.exists(), f"the handler ran in a worker: {hits.read_text()}"
+
+
+# ---------------------------------------------------------------------------- one manifest format
+QUOTED = ['say "hi"', '"fully quoted, with ""doubled"" quotes"', "it's a 'single' quote", 'tab\\t"x']
+
+
+def every_reader(manifest, monkeypatch) -> dict[str, list[str]]:
+    """The transcripts of ``manifest`` as each part of w2v2 that reads manifests sees them."""
+    import importlib
+    import importlib.util
+
+    from .conftest import ROOT
+    from .conftest import read_manifest as conftest_read
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))  # as when run as a script: its helpers beside it
+    spec = importlib.util.spec_from_file_location("make_splits", ROOT / "recipes" / "make_splits.py")
+    make_splits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_splits)
+    embed, evaluate = importlib.import_module("w2v2.embed"), importlib.import_module("w2v2.evaluate")
+    return {
+        "data.read_rows": [r["text"] for r in data.read_rows(manifest)],
+        "data.read_manifest": [e.text for e in data.read_manifest(manifest)],
+        "data.list_entries": [e.text for e in data.list_entries([manifest])],
+        "embed.read_manifest": [r["text"] for r in embed.read_manifest(manifest)],
+        "evaluate.read_utterances": [u.text for u in evaluate.read_utterances(manifest)],
+        "recipes/make_splits.py": [r["text"] for r in make_splits.read_manifest(manifest)],
+        "tests/conftest.py": [r["text"] for r in conftest_read(manifest.parent)],
+    }
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_quotes_parse_the_same_in_every_reader(tmp_path, bom, newline, monkeypatch):
+    """No quoting anywhere: a '"' is a character; a byte order mark and CRLF lines are accepted."""
+    write_clips(tmp_path, [0.1] * len(QUOTED), manifest=False)
+    lines = [b"path\tseconds\tspeaker\ttext"] + [f"audio/clip{i:03d}.wav\t0.1\ts\t{t}".encode()
+                                                 for i, t in enumerate(QUOTED)]
+    (tmp_path / "manifest.tsv").write_bytes(bom + newline.join(lines) + newline)
+    seen = every_reader(tmp_path / "manifest.tsv", monkeypatch)
+    assert all(texts == QUOTED for texts in seen.values()), seen
+
+
+def test_repeated_paths_warn_and_header_only_is_a_problem(tmp_path, caplog):
+    write_clips(tmp_path, [0.1, 0.1], manifest=False)
+    m = tmp_path / "m.tsv"
+    m.write_text("path\ttext\naudio/clip000.wav\tA\naudio/clip001.wav\tB\n./audio/clip000.wav\tA\naudio/clip000.wav\tC\n")
+    assert len(data.list_entries([m])) == 4  # kept: a repeat may be meant (oversampling)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{m}: warning: 2 row(s) repeat the path of an earlier row (line 4 repeats line 2: "
+                        "./audio/clip000.wav; line 5 repeats line 2: audio/clip000.wav); each counts as often as it "
+                        "is listed"]
+    m.write_text("path\ttext\n\n")
+    with pytest.raises(data.ManifestError, match="m.tsv: no rows"):
+        data.list_entries([m])
+    assert data.read_rows(m) == []  # the plain reader has no opinion about an empty table

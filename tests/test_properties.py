@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import random
 import shutil
@@ -25,8 +26,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
 from tests.badcorpus import ffmpeg, write_corpus
 from tests.conftest import DATA, tiny_ctc_model
@@ -213,3 +215,129 @@ def test_fuzzed_files_decode_or_raise_audio_error(fuzz_seeds, tmp_path):
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------- the command line
+class CliWorld:
+    """What random command lines are made of: a tiny model, the bad-input corpus (good files, bad
+    files, links, devices, a pipe without a writer) and a folder for each example's files."""
+
+    def __init__(self, folder: Path):
+        from w2v2.checkpoint import save_pretrained
+
+        self.folder = folder
+        self.model = str(save_pretrained(tiny_ctc_model(["abcdefghijklmnopqrstuvwxyz '"]), folder / "model"))
+        self.corpus = write_corpus(folder / "corpus")
+        self.paths = [str(c.path) for c in self.corpus.values()] + [str(folder / "missing.wav")]
+        self.count = 0
+
+    def scratch(self) -> Path:
+        self.count += 1
+        path = self.folder / f"example{self.count}"
+        path.mkdir()
+        return path
+
+
+@pytest.fixture(scope="module")
+def cli_world(tmp_path_factory):
+    return CliWorld(tmp_path_factory.mktemp("cli"))
+
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+EXTENSIONS = [".wav", ".flac", ".mp3", ".mp4", ".opus", ".txt", ""]
+HEADERS = ["path\ttext", "path\tseconds\tspeaker\ttext", "\ufeffpath\ttext", "file\ttext", "path", ""]
+SECONDS = ["4", "1", "0.3", "0", "-1", "nan", "inf", "1e12", "x"]
+COUNTS = ["1", "2", "0", "-3", "x"]
+OPTIONS = {  # flag -> values to draw from, valid and not
+    "transcribe": {"--chunk-seconds": SECONDS, "--stride-seconds": SECONDS, "--batch-size": COUNTS,
+                   "--format": ["txt", "srt", "vtt", "json", "tsv", "all", "pdf"], "--precision": ["fp32", "fp8"],
+                   "--max-segment-chars": COUNTS, "--pause-seconds": SECONDS, "--beam-width": COUNTS,
+                   "--skip-existing": None, "--device": ["cpu", "tpu"]},
+    "align": {"--chunk-seconds": SECONDS, "--stride-seconds": SECONDS, "--batch-size": COUNTS,
+              "--format": ["json", "srt", "all"], "--max-segment-seconds": SECONDS},
+    "evaluate": {"--batch-seconds": SECONDS, "--limit": COUNTS, "--beam": COUNTS, "--precision": ["fp32", "x"],
+                 "--case": ["upper", "lower", "keep", "title"], "--device": ["cpu", "tpu"]},
+    "embed": {"--layer": ["all", "0", "-1", "1,2", "99", "x", ""], "--pool": ["mean", "none", "max"],
+              "--batch-size": COUNTS, "--format": ["safetensors", "npy", "x"], "--device": ["cpu", "tpu"]},
+}
+
+
+@st.composite
+def command_lines(draw, world: CliWorld) -> tuple[list[str], Path]:
+    """(argv, output folder) of one random command over random files and options."""
+    scratch = world.scratch()
+    made = []
+    for i in range(draw(st.integers(0, 2))):  # random bytes, or a good file cut anywhere
+        good = [c.path for c in world.corpus.values() if c.problem is None]
+        raw = draw(st.one_of(st.binary(max_size=3000),
+                             st.sampled_from(good).map(lambda p: p.read_bytes()).flatmap(
+                                 lambda b: st.integers(0, len(b)).map(lambda n: b[:n]))))
+        made.append(scratch / f"random{i}{draw(st.sampled_from(EXTENSIONS))}")
+        made[-1].write_bytes(raw)
+    pool = world.paths + [str(p) for p in made]
+    files = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3))
+    manifest = scratch / "m.tsv"
+    rows = [f"{draw(st.sampled_from(pool))}\t{draw(TEXT)}" for _ in range(draw(st.integers(0, 3)))]
+    text = "\n".join([draw(st.sampled_from(HEADERS)), *rows]) + "\n"
+    manifest.write_bytes(text.encode("utf-8", "surrogateescape"))  # a Latin-1 name makes it not UTF-8
+    command = draw(st.sampled_from(sorted(OPTIONS)))
+    out = scratch / "out"
+    if command == "transcribe":
+        argv = [command, *files, "-o", str(out)] if draw(st.booleans()) else [command, *files]
+    elif command == "align":
+        argv = [command, files[0], draw(st.sampled_from([str(manifest), "ab c", "", "x" * 500]))]
+        argv += ["-o", str(out)] if draw(st.booleans()) else []
+    elif command == "evaluate":
+        argv = [command, "--device", "cpu", "--out", str(out / "errors.tsv"), "--data", str(manifest)]
+    else:
+        inputs = draw(st.sampled_from([files, [str(manifest)], [*files, str(manifest)]]))
+        where = draw(st.sampled_from([["--output-dir", str(out)], ["--output", str(out / "all.safetensors")]]))
+        argv = [command, *inputs, *where, "--no-progress"]
+    for flag in draw(st.lists(st.sampled_from(sorted(OPTIONS[command])), max_size=3, unique=True)):
+        values = OPTIONS[command][flag]
+        argv += [flag] if values is None else [flag, draw(st.sampled_from(values))]
+    return [*argv, "--model", world.model], out
+
+
+def check_command_line(world: CliWorld, argv: list[str], out: Path) -> None:
+    """The rules for any command line: a known exit status, errors as lines without tracebacks,
+    an answer within the time limit, and only complete files in the output folder."""
+    from tests.badcorpus import Hang, quick_streams, run_cli
+
+    try:
+        with quick_streams(0.2):
+            rc, _, err = run_cli(argv, timeout=120)
+    except Hang as e:
+        pytest.fail(str(e))
+    event(f"{argv[0]} exit {rc}")
+    assert rc in (0, 1, 2), (argv, rc, err)
+    assert "Traceback" not in err and "internal error" not in err, (argv, err)
+    if rc:
+        assert err.strip(), argv  # a failure says why (usage errors, exit 2, included)
+    if out.exists():
+        for path in out.rglob("*"):
+            assert not path.name.startswith(".") and not path.name.endswith(".tmp"), (argv, path)
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                safe_open(str(path), "np").keys()
+
+
+def _cli_property(world: CliWorld, data) -> None:
+    argv, out = data.draw(command_lines(world))
+    check_command_line(world, argv, out)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_command_lines_keep_the_rules(cli_world, data):
+    """``w2v2 transcribe|align|evaluate|embed`` on random files (the bad-input corpus, random bytes,
+    good files cut anywhere, manifests with random headers and rows) and random option values."""
+    _cli_property(cli_world, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_command_lines_keep_the_rules_long(cli_world, data):
+    _cli_property(cli_world, data)

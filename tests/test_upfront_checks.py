@@ -196,3 +196,51 @@ def test_finetune_without_usable_audio_writes_nothing(tmp_path, capsys):
                  str(tmp_path / "m.tsv"), "--out", str(run)]) == 1
     err = capsys.readouterr().err
     assert "no usable audio" in err and "Traceback" not in err and not run.exists()
+
+
+def test_evaluate_checks_every_manifest_before_loading_the_model(tmp_path, clips, capsys):
+    """A header-only manifest, a missing one and one whose transcripts are all empty: one error
+    listing the three, exit 1, and the model (which does not exist) is never opened."""
+    (tmp_path / "header.tsv").write_text("path\ttext\n")
+    (tmp_path / "blank.tsv").write_text("path\ttext\nset/audio/clip000.wav\t\nset/audio/clip001.wav\t...\n")
+    rc = main(["evaluate", "--model", str(tmp_path / "no-model"), "--device", "cpu",
+               "--data", str(tmp_path / "header.tsv"), str(tmp_path / "missing.tsv"), str(tmp_path / "blank.tsv")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "no-model" not in err
+    assert error_lines(err)[-4:] == [
+        "w2v2 evaluate: error: 3 problems:",
+        f"{tmp_path / 'header.tsv'}: no rows (the manifest holds only its header)",
+        f"{tmp_path / 'missing.tsv'}: no such manifest",
+        f"{tmp_path / 'blank.tsv'}: no utterance to score (none of 2 has a transcript)"]
+
+
+def test_evaluate_reports_utterances_without_transcripts_as_excluded(tmp_path, clips, capsys, caplog):
+    """Empty references are left out of WER/CER with a warning each (they gave WER 3800%)."""
+    from tests.conftest import tiny_ctc_model
+    from w2v2.checkpoint import save_pretrained
+
+    model = save_pretrained(tiny_ctc_model(["ABC "]), tmp_path / "model")
+    m = tmp_path / "m.tsv"
+    m.write_text("path\ttext\nset/audio/clip000.wav\tA B\nset/audio/clip001.wav\t \nset/audio/clip002.wav\t\"\"\n")
+    assert main(["evaluate", "--model", str(model), "--device", "cpu", "--data", str(m)]) == 0
+    out, err = capsys.readouterr().out, caplog.text
+    for name in ("clip001.wav", "clip002.wav"):
+        assert (f"{m}: excluding {tmp_path / 'set' / 'audio' / name}: no transcript to score against (the text is "
+                "empty after normalisation)") in err
+    assert f"{m}: 2 of 3 utterances excluded; WER and CER are over the other 1" in err
+    row = out.splitlines()[-1].split()
+    assert row[2:4] == ["1", "2"]  # utterances, reference words
+
+
+def test_training_refuses_pipes_and_devices_in_manifests(tmp_path, clips, capsys):
+    """A named pipe or device in a training manifest is listed as unusable, never opened (it
+    would be read once, then hang or read nothing): no writer is needed for this test to end."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.wav")
+    (tmp_path / "m.tsv").write_text(f"path\npipe.wav\n{os.devnull}\nset/audio/clip000.wav\n")
+    good, bad = data.validate_entries(data.list_entries([tmp_path / "m.tsv"]))
+    assert [os.path.basename(e.path) for e in good] == ["clip000.wav"]
+    assert [(os.path.basename(e.path), r) for e, r in bad] == [
+        (name, "a named pipe or device, not a regular file (training data is read many times)")
+        for name in ("pipe.wav", "null")]

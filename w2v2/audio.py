@@ -13,12 +13,24 @@ A native rate outside ``RATE_RANGE`` (1 kHz to 1 MHz) is taken for a corrupt hea
 ``load_audio`` returns a whole file; ``stream_audio`` yields fixed-size blocks so that a long
 file never has to be in memory whole. Every problem with an input raises :class:`AudioError`
 whose message names the input and the problem.
+
+Inputs that are not regular files are streams, read once as they arrive: standard input
+(``"-"``), named pipes and character devices given as paths. A stream that ends within
+``STREAM_BUFFER_BYTES`` is decoded like a file (any format); a longer one goes to ffmpeg as it
+arrives, in bounded memory, so a format that needs seeking (an MP4 whose index is at its end)
+must then be given as a file. A stream waits at most ``STREAM_WAIT_SECONDS`` for its first byte
+(a named pipe nobody writes to never hangs). Sockets, block devices and symbolic link loops are
+refused with that reason.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import math
 import os
+import select
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +49,9 @@ AUDIO_EXTENSIONS = frozenset(
 )
 _READ_SAMPLES = 1 << 16  # samples (frames x channels) per libsndfile read while decoding
 RATE_RANGE = (1000, 1_000_000)  # plausible native sample rates in Hz; others mean a corrupt header
+STREAM_BUFFER_BYTES = 16 << 20  # a stream that ends within this many bytes is decoded like a file
+STREAM_WAIT_SECONDS = 60.0  # longest wait for a stream's first byte (a pipe may have no writer yet)
+STREAM_LOAD_SECONDS = 3600.0  # load_audio holds a whole input: a longer stream is refused, not buffered
 
 Source = str | BinaryIO
 
@@ -90,11 +105,51 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _check_path(path: str) -> None:
-    if not os.path.exists(path):
-        raise _error(path, "no such file")
-    if os.path.isdir(path):
+def _path_kind(path: str) -> str:
+    """``"file"`` for a regular file, ``"stream"`` for a named pipe or character device (read once,
+    as it arrives); raises :class:`AudioError` with the true reason for anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise _error(path, _stat_problem(path, exc)) from None
+    except ValueError:  # a NUL byte in the name
+        raise _error(path, "no such file (the name holds a NUL character)") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return "stream"
+    if stat.S_ISDIR(mode):
         raise _error(path, "is a directory, not an audio file (list_audio_files expands directories)")
+    if stat.S_ISSOCK(mode):
+        raise _error(path, "is a socket, not an audio file")
+    if stat.S_ISBLK(mode):
+        raise _error(path, "is a block device (a disk), not an audio file")
+    raise _error(path, "is not a regular file")
+
+
+def _stat_problem(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links)"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "no such file"
+    if exc.errno == errno.EACCES:
+        return "permission denied (a folder on its path cannot be searched)"
+    return f"cannot open ({_reason(exc)})"
+
+
+def is_stream_path(path: str | os.PathLike) -> bool:
+    """True for ``"-"``, a named pipe or a character device: inputs that can be read only once."""
+    path = os.fspath(path)
+    try:
+        return path == "-" or _path_kind(path) == "stream"
+    except AudioError:
+        return False
+
+
+def _check_file(path: str) -> None:
+    """A regular file (see :func:`_path_kind`) that can be opened and is not empty."""
     try:
         with open(path, "rb"):
             pass
@@ -106,20 +161,133 @@ def _check_path(path: str) -> None:
         raise _error(path, "empty file (0 bytes)")
 
 
-def _resolve(path_or_file: str | os.PathLike | BinaryIO) -> tuple[str, Source]:
-    """(name for messages, something soundfile and PyAV can open). ``"-"`` buffers stdin."""
-    if isinstance(path_or_file, str) and path_or_file == "-":
-        data = sys.stdin.buffer.read()
+class _Stream(io.RawIOBase):
+    """A non-seekable input whose first bytes were read ahead (to tell a short stream from a long
+    one): they are served first, then the rest as it arrives."""
+
+    def __init__(self, head: bytes, rest: BinaryIO, close_rest: bool):
+        super().__init__()
+        self._head, self._pos, self._rest, self._close_rest = memoryview(head), 0, rest, close_rest
+        self._read = getattr(rest, "read1", rest.read)  # what has arrived, without waiting for more
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._pos < len(self._head):
+            n = min(len(b), len(self._head) - self._pos)
+            b[:n] = self._head[self._pos:self._pos + n]
+            self._pos += n
+            if self._pos == len(self._head):
+                self._head = memoryview(b"")  # the read-ahead is not kept past its use
+                self._pos = 0
+            return n
+        data = self._read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._close_rest and not self.closed:
+            self._rest.close()
+        super().close()
+
+
+def _read_ahead(f: BinaryIO, size: int) -> bytes:
+    read = getattr(f, "read1", f.read)
+    parts, count = [], 0
+    while count < size:
+        data = read(size - count)
         if not data:
-            raise _error("<stdin>", "empty input (0 bytes on standard input)")
-        return "<stdin>", io.BytesIO(data)
+            break
+        parts.append(data)
+        count += len(data)
+    return b"".join(parts)
+
+
+def _stream_source(f: BinaryIO, name: str, close: bool) -> Source:
+    """A stream as a decoder source: a seekable copy when it ends within ``STREAM_BUFFER_BYTES``,
+    else a :class:`_Stream` read as it arrives."""
+    try:
+        head = _read_ahead(f, STREAM_BUFFER_BYTES)
+    except OSError as exc:
+        if close:
+            f.close()
+        raise _error(name, f"cannot read ({_reason(exc)})") from None
+    if len(head) < STREAM_BUFFER_BYTES:
+        if close:
+            f.close()
+        if not head:
+            raise _error(name, "empty input (0 bytes)")
+        return io.BytesIO(head)
+    return _Stream(head, f, close_rest=close)
+
+
+def _wait_for_data(fd: int, name: str) -> None:
+    """Wait until ``fd`` has a byte (or its end) to read, at most ``STREAM_WAIT_SECONDS``."""
+    if os.isatty(fd):
+        raise _error(name, "is a terminal; pipe audio into it instead (e.g. ffmpeg ... | w2v2 transcribe -)")
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    if not poll.poll(STREAM_WAIT_SECONDS * 1000):
+        raise _error(name, f"no data within {STREAM_WAIT_SECONDS:g} s (does a program write to it?)")
+
+
+def _open_stream_path(path: str) -> Source:
+    """A named pipe or character device, opened once; the open does not block (a pipe without a
+    writer would block it), the first read waits at most ``STREAM_WAIT_SECONDS``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except PermissionError:
+        raise _error(path, "permission denied (the file is not readable)") from None
+    except OSError as exc:
+        raise _error(path, f"cannot open ({_reason(exc)})") from None
+    try:
+        _wait_for_data(fd, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _stream_source(io.FileIO(fd, "rb", closefd=True), path, close=True)
+
+
+def _stdin() -> Source:
+    if sys.stdin is None:  # started with descriptor 0 closed
+        raise _error("<stdin>", "standard input is closed")
+    buf = sys.stdin.buffer
+    try:
+        fd = buf.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in without a descriptor
+        fd = None
+    if fd is not None:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size > 0:  # `w2v2 transcribe - < file`: a file after all
+            return buf
+        _wait_for_data(fd, "<stdin>")
+    return _stream_source(buf, "<stdin>", close=False)
+
+
+def _resolve(path_or_file: str | os.PathLike | BinaryIO) -> tuple[str, Source]:
+    """(name for messages, something soundfile and PyAV can open). ``"-"`` is standard input;
+    streams come back as an in-memory copy or a :class:`_Stream` (see the module's docstring)."""
+    if isinstance(path_or_file, str) and path_or_file == "-":
+        return "<stdin>", _stdin()
     if hasattr(path_or_file, "read"):
-        return str(getattr(path_or_file, "name", "<file object>")), path_or_file
+        name = str(getattr(path_or_file, "name", "<file object>"))
+        seekable = getattr(path_or_file, "seekable", lambda: False)()
+        return name, path_or_file if seekable else _stream_source(path_or_file, name, close=False)
     path = os.fspath(path_or_file)
     if is_url(path):
         raise _error(path, "is a URL; download it first with download_url()")
-    _check_path(path)
+    if _path_kind(path) == "stream":
+        return path, _open_stream_path(path)
+    _check_file(path)
     return path, path
+
+
+def _close(source: Source) -> None:
+    """Close a stream :func:`_resolve` opened (files and caller's objects are left alone)."""
+    if isinstance(source, _Stream):
+        source.close()
 
 
 # ---------------------------------------------------------------------------- signal maths
@@ -164,11 +332,14 @@ def _check_finite(audio: np.ndarray, name: str) -> None:
 
 
 def _open_decoder(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]:
-    """(native sample rate, iterator of float32 mono chunks); libsndfile first, then PyAV."""
+    """(native sample rate, iterator of float32 mono chunks); libsndfile first, then PyAV.
+    A :class:`_Stream` goes to PyAV alone: libsndfile needs to seek."""
+    if isinstance(source, _Stream):
+        return _open_av(source, name)
     if hasattr(source, "seek"):
         source.seek(0)
     try:
-        snd = sf.SoundFile(source)
+        snd = sf.SoundFile(os.fsencode(source) if isinstance(source, str) else source)  # any bytes in a name
     except (sf.SoundFileError, RuntimeError, TypeError):
         if hasattr(source, "seek"):
             source.seek(0)
@@ -216,7 +387,14 @@ def _av_container(source: Source, name: str):
     try:
         return av.open(source, mode="r", metadata_errors="replace")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise _error(name, f"not an audio file, or truncated/corrupt ({_reason(exc)})") from None
+        raise _error(name, f"not an audio file, or truncated/corrupt ({_reason(exc)}){_stream_hint(source)}") from None
+
+
+def _stream_hint(source: Source) -> str:
+    if not isinstance(source, _Stream):
+        return ""
+    return (f"; it was read as a stream (over {STREAM_BUFFER_BYTES >> 20} MB, without seeking), so a format "
+            "that needs seeking, such as an MP4 with its index at the end, must be given as a file")
 
 
 def _open_av(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]:
@@ -237,10 +415,10 @@ def _open_av(source: Source, name: str) -> tuple[int, Iterator[np.ndarray]]:
     except AudioError:
         container.close()
         raise
-    return rate, _av_chunks(container, stream, rate, name)
+    return rate, _av_chunks(container, stream, rate, name, _stream_hint(source))
 
 
-def _av_chunks(container, stream, rate: int, name: str) -> Iterator[np.ndarray]:
+def _av_chunks(container, stream, rate: int, name: str, hint: str = "") -> Iterator[np.ndarray]:
     av = _av()
     with container:
         try:
@@ -251,7 +429,7 @@ def _av_chunks(container, stream, rate: int, name: str) -> Iterator[np.ndarray]:
                     raise _error(name, f"unsupported audio sample format ({_reason(exc)})") from None
                 yield mono
         except (av.error.FFmpegError, OSError) as exc:
-            raise _error(name, f"cannot decode audio, the file may be corrupt ({_reason(exc)})") from None
+            raise _error(name, f"cannot decode audio, the file may be corrupt ({_reason(exc)}){hint}") from None
 
 
 def _frame_to_mono(frame: av.AudioFrame, rate: int) -> np.ndarray:
@@ -269,11 +447,22 @@ def load_audio(path_or_file: str | os.PathLike | BinaryIO, sr: int = SAMPLE_RATE
     """Decode a whole file to float32 mono (samples,) at ``sr`` Hz.
 
     ``path_or_file`` is a path, a binary file object, or ``"-"`` for standard input.
-    Raises :class:`AudioError` naming the input for anything wrong with it.
+    Raises :class:`AudioError` naming the input for anything wrong with it; a stream (standard
+    input, a pipe) longer than ``STREAM_LOAD_SECONDS`` is refused: use :func:`stream_audio`.
     """
     name, source = _resolve(path_or_file)
-    rate, chunks = _open_decoder(source, name)
-    parts = list(chunks)
+    try:
+        rate, chunks = _open_decoder(source, name)
+        limit = STREAM_LOAD_SECONDS * rate if isinstance(source, _Stream) else math.inf
+        parts, count = [], 0
+        for chunk in chunks:
+            parts.append(chunk)
+            count += len(chunk)
+            if count > limit:
+                raise _error(name, f"a stream longer than {STREAM_LOAD_SECONDS:g} s cannot be loaded whole; "
+                                   "stream it (stream_audio, w2v2 transcribe) or give a file")
+    finally:
+        _close(source)
     audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     if len(audio) == 0:
         raise _error(name, "contains no audio samples (zero length)")
@@ -289,7 +478,9 @@ class AudioStream:
 
     Decoding and resampling (``soxr.ResampleStream``) are incremental: memory stays about one
     block whatever the file's length. The path is checked when the stream is made; decoding
-    errors are raised while iterating. ``"-"`` reads standard input, which is buffered whole.
+    errors are raised while iterating. ``"-"`` reads standard input; it, named pipes and
+    devices are streams (see the module's docstring): memory stays bounded there too, and they
+    can be iterated once.
 
     Guarantee: the concatenated blocks use the same decoder as :func:`load_audio` and differ from
     its output only by the streaming resampler: the same length within 2 samples and a maximum
@@ -304,17 +495,20 @@ class AudioStream:
         self.block_size = max(1, round(block_seconds * sr))
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        rate, chunks = _open_decoder(self._source, self.name)
-        decoded = [0]  # samples at the file's own rate: a few may resample to none, like load_audio
+        try:
+            rate, chunks = _open_decoder(self._source, self.name)
+            decoded = [0]  # samples at the file's own rate: a few may resample to none, like load_audio
 
-        def counted() -> Iterator[np.ndarray]:
-            for chunk in chunks:
-                decoded[0] += len(chunk)
-                yield chunk
+            def counted() -> Iterator[np.ndarray]:
+                for chunk in chunks:
+                    decoded[0] += len(chunk)
+                    yield chunk
 
-        yield from _rebatch(self._resampled(counted(), rate), self.block_size)
-        if decoded[0] == 0:
-            raise _error(self.name, "contains no audio samples (zero length)")
+            yield from _rebatch(self._resampled(counted(), rate), self.block_size)
+            if decoded[0] == 0:
+                raise _error(self.name, "contains no audio samples (zero length)")
+        finally:
+            _close(self._source)
 
     def _resampled(self, chunks: Iterator[np.ndarray], rate: int) -> Iterator[np.ndarray]:
         if rate == self.sr:
@@ -353,14 +547,15 @@ def stream_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE, block_seconds: 
 def audio_duration(path: str | os.PathLike) -> float | None:
     """Duration in seconds from the file's metadata (no decoding); None when it is not recorded.
 
-    Returns None for ``"-"`` and URLs; raises :class:`AudioError` for a missing or non-audio file.
+    Returns None for ``"-"``, URLs, named pipes and devices (which are not opened: they can be
+    read only once); raises :class:`AudioError` for a missing or non-audio file.
     """
     path = os.fspath(path)
-    if path == "-" or is_url(path):
+    if path == "-" or is_url(path) or _path_kind(path) == "stream":
         return None
-    _check_path(path)
+    _check_file(path)
     try:
-        info = sf.info(path)
+        info = sf.info(os.fsencode(path))
     except (sf.SoundFileError, RuntimeError, TypeError):
         pass
     else:

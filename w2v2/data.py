@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .audio import SAMPLE_RATE, AudioError, audio_duration, list_audio_files, load_audio
+from .audio import SAMPLE_RATE, AudioError, audio_duration, is_stream_path, list_audio_files, load_audio
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,36 @@ class ManifestError(ConfigError):
 
 
 def read_manifest(path: str | os.PathLike, require_text: bool = False) -> list[Entry]:
-    """A tab-separated manifest with a header naming at least ``path`` (relative to the manifest's
-    folder, or absolute); optional columns ``seconds``, ``speaker``, ``text`` (required when
-    ``require_text``). Raises :class:`ManifestError` listing every bad line, not just the first."""
+    """A manifest's entries (see :func:`read_rows`): optional columns ``seconds``, ``speaker``,
+    ``text`` (required when ``require_text``). Raises :class:`ManifestError` listing every bad line."""
     entries, problems = _read_manifest(Path(path), require_text)
     if problems:
         raise ManifestError(problems)
     return entries
 
 
-def _read_manifest(path: Path, require_text: bool) -> tuple[list[Entry], list[str]]:
-    entries: list[Entry] = []
+def read_rows(path: str | os.PathLike, required: Sequence[str] = ("path",)) -> list[dict[str, str]]:
+    """The rows of a manifest, as ``{column: text}`` dicts, every value exactly as written.
+
+    The one manifest format of w2v2, read here for every command, recipe and test: UTF-8 text
+    (a leading byte order mark is allowed), a header line naming the columns, then one row per
+    line, fields separated by tabs. There is no quoting: a ``"`` is an ordinary character, so a
+    field holds anything but a tab or a line break (as in fairseq's manifests). ``path`` is
+    relative to the manifest's folder, or absolute; ``seconds``, when given, is a non-negative
+    number. Blank lines are skipped; a row repeating an earlier row's ``path`` is kept with a
+    warning. Raises :class:`ManifestError` listing every problem of the file, one per line."""
+    rows, problems = _read_rows(Path(path), required)
+    if problems:
+        raise ManifestError(problems)
+    return [row for _, row in rows]
+
+
+def _read_rows(path: Path, required: Sequence[str]) -> tuple[list[tuple[int, dict]], list[str]]:
+    """((line number, row) for each good row, problems) of one manifest."""
+    rows: list[tuple[int, dict]] = []
     problems: list[str] = []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = reader.fieldnames
             if header is None or "path" not in header:
@@ -87,23 +103,44 @@ def _read_manifest(path: Path, require_text: bool) -> tuple[list[Entry], list[st
                             f"(got {header}); expected e.g. 'path<TAB>seconds<TAB>speaker<TAB>text'"]
             if len(set(header)) < len(header):
                 problems.append(f"{path}:1: repeated column names in the header {header}")
-            if require_text and "text" not in header:
-                problems.append(f"{path}: no 'text' column; transcripts are needed here "
-                                "(header e.g. 'path<TAB>seconds<TAB>speaker<TAB>text')")
+            problems += [f"{path}: no {c!r} column (the header is {' '.join(header)})" for c in required
+                         if c not in header]
             for row in reader:
                 problem = _row_problem(row, len(header))
                 if problem:
                     problems.append(f"{path}:{reader.line_num}: {problem}")
-                    continue
-                seconds = float(row["seconds"]) if row.get("seconds") else None
-                entries.append(Entry(path=str(path.parent / row["path"]), seconds=seconds,
-                                     speaker=row.get("speaker") or None, text=row.get("text")))
+                else:
+                    rows.append((reader.line_num, row))
     except UnicodeDecodeError as e:
         problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is it really a manifest?")
     except OSError as e:
         problems.append(f"{path}: cannot read ({e.strerror or e})")
     except csv.Error as e:
         problems.append(f"{path}: not a tab-separated manifest ({e})")
+    _warn_repeated_paths(path, rows)
+    return rows, problems
+
+
+def _warn_repeated_paths(path: Path, rows: list[tuple[int, dict]]) -> None:
+    first: dict[str, int] = {}
+    repeats = []
+    for line, row in rows:
+        key = os.path.normpath(row["path"])
+        if key in first:
+            repeats.append(f"line {line} repeats line {first[key]}: {row['path']}")
+        first.setdefault(key, line)
+    if repeats:
+        shown = "; ".join(repeats[:3]) + ("; ..." if len(repeats) > 3 else "")
+        log.warning("%s: warning: %d row(s) repeat the path of an earlier row (%s); each counts as often as it "
+                    "is listed", path, len(repeats), shown)
+
+
+def _read_manifest(path: Path, require_text: bool) -> tuple[list[Entry], list[str]]:
+    rows, problems = _read_rows(path, ("path", "text") if require_text else ("path",))
+    entries = [Entry(path=str(path.parent / row["path"]), seconds=float(row["seconds"]) if row.get("seconds") else None,
+                     speaker=row.get("speaker") or None, text=row.get("text")) for _, row in rows]
+    if not rows and not problems:
+        problems.append(f"{path}: no rows (the manifest holds only its header)")
     return entries, problems
 
 
@@ -164,6 +201,8 @@ def list_entries(inputs: Sequence[str | os.PathLike], require_text: bool = False
 
 
 def _check(entry: Entry, min_seconds: float) -> tuple[Entry, str | None]:
+    if is_stream_path(entry.path):
+        return entry, "a named pipe or device, not a regular file (training data is read many times)"
     try:
         seconds = audio_duration(entry.path)
         if seconds is None:  # no duration in the header: decode to measure it

@@ -20,7 +20,6 @@ the input) and no features.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, AudioError, audio_duration, list_audio_files, load_audio
+from .data import read_rows
 from .model import Wav2Vec2
 
 POOLS = ("mean", "none")
@@ -65,22 +65,13 @@ class Embedding:
 
 # --------------------------------------------------------------------------- inputs
 def read_manifest(path: str | os.PathLike) -> list[dict]:
-    """Rows of a tab-separated manifest with a ``path`` column (relative to the manifest's folder).
-
-    Each row gets ``audio``: the path resolved against the manifest's folder."""
+    """Rows of a manifest (:func:`w2v2.data.read_rows`), each with ``audio``: its ``path``
+    resolved against the manifest's folder."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such manifest") from None
-    if "path" not in columns:
-        raise ValueError(f"{path}: a manifest needs a tab-separated header with a 'path' column, got {columns}")
-    for i, row in enumerate(rows):
-        if not row.get("path"):
-            raise ValueError(f"{path}: row {i + 2} has an empty 'path'")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such manifest")
+    rows = read_rows(path)
+    for row in rows:
         row["audio"] = str(path.parent / row["path"])
     return rows
 

@@ -131,7 +131,10 @@ def resolve_device(device: str | None) -> torch.device:
     """``None``/"auto": CUDA when available, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device}: not a device (cpu, cuda, cuda:1, ... or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
     return dev

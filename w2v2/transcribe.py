@@ -13,6 +13,7 @@ documents, with word and character timestamps (20 ms frames) and word confidence
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ class TranscribeOptions:
     pause_seconds: float = 0.5
 
     def __post_init__(self) -> None:
+        numbers = {"chunk_seconds": self.chunk_seconds, "stride_seconds": self.stride_seconds, "alpha": self.alpha,
+                   "beta": self.beta, "max_segment_seconds": self.max_segment_seconds,
+                   "pause_seconds": self.pause_seconds}
+        odd = [f"{k}={v}" for k, v in numbers.items() if not math.isfinite(v)]
+        if odd:
+            raise ValueError(f"options must be finite numbers, got {', '.join(odd)}")
         if self.chunk_seconds <= 0 or self.stride_seconds < 0:
             raise ValueError(f"chunk_seconds must be positive and stride_seconds non-negative, got "
                              f"{self.chunk_seconds} and {self.stride_seconds}")

@@ -191,5 +191,5 @@ def emit(result: dict, name: str, args: argparse.Namespace, header: bool = False
 def failure_line(name: str, exc: BaseException) -> str:
     """One line, the input's name first (AudioError messages already start with it)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    name = name or repr(name)  # an empty name shows as ''
+    name = {"": repr(""), "-": "<stdin>"}.get(name, name)  # the names AudioError gives them
     return printable(text if text.startswith(f"{name}:") else f"{name}: {text}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -54,17 +55,50 @@ def build_engine(args):
     return engine
 
 
+def read_inputs(args) -> list[tuple[str, list]]:
+    """``(manifest, utterances to score)`` per ``--data``, read before the model loads: every
+    problem of every manifest is reported at once; utterances without a transcript to score
+    against (empty after normalisation) are excluded with a warning each; a manifest left with
+    none is an error."""
+    from ..data import ManifestError
+    from ..evaluate import read_utterances
+    from ..text import normalize_text
+
+    inputs, problems = [], []
+    for manifest in args.data:
+        try:
+            utts = read_utterances(manifest)[: args.limit]
+        except ValueError as e:
+            problems += getattr(e, "problems", [str(e)])
+            continue
+        scored = [u for u in utts if normalize_text(u.text, case=None)]
+        for u in [u for u in utts if not normalize_text(u.text, case=None)]:
+            log.warning("%s: excluding %s: no transcript to score against (the text is empty after normalisation)",
+                        manifest, u.path)
+        if not scored:
+            problems.append(f"{manifest}: no utterance to score (none of {len(utts)} has a transcript)")
+        elif len(scored) < len(utts):
+            log.warning("%s: %d of %d utterances excluded; WER and CER are over the other %d", manifest,
+                        len(utts) - len(scored), len(utts), len(scored))
+        inputs.append((manifest, scored))
+    if problems:
+        raise ManifestError(problems)
+    return inputs
+
+
 def run(args) -> int:
-    from ..evaluate import evaluate, format_table, read_utterances, write_errors
+    from ..evaluate import evaluate, format_table, write_errors
 
     if args.out:  # before any work: a path that can never be written, or a folder that takes no files
         from ._shared import check_output_target
 
         check_output_target(args.out, folder=len(args.data) > 1, option="--out")
+    if not (math.isfinite(args.batch_seconds) and args.batch_seconds > 0):
+        raise ValueError(f"--batch-seconds must be a positive number, got {args.batch_seconds}")
+    inputs = read_inputs(args)
     engine = build_engine(args)
     rows = []
-    for manifest in args.data:
-        utts = read_utterances(manifest)[: args.limit]
+    for manifest, utts in inputs:
         log.info("%s: %d utterances", manifest, len(utts))
         result = evaluate(engine, utts, progress=lambda d, n: log.info("  %d/%d", d, n))
         rows.append((engine.name, Path(manifest).name, result))
