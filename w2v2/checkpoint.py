@@ -21,6 +21,7 @@ from .config import PRESETS, ModelConfig, preset
 from .fairseq_format import read_fairseq
 from .fileio import atomic_write_bytes, atomic_write_text, verify_checksums
 from .model import Wav2Vec2, build_model
+from .run_layout import LAST, checkpoint_dirs
 from .safeload import CheckpointError, first_line, read_json, regular_file, torch_load
 from .vocab import Vocabulary
 
@@ -28,7 +29,7 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.json",
              "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
 # Inside a training run directory, the model that stands for the run, in order of preference.
-RUN_DIR_MODELS = ("best", "checkpoint_last")
+RUN_DIR_MODELS = ("best", LAST)
 # Suffixes of a fairseq/PyTorch checkpoint file; with the others a name is taken for a local path
 # (never for a Hugging Face id) when nothing is there.
 FAIRSEQ_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -190,8 +191,6 @@ def _run_dir_model(path: Path) -> Path:
     for name in RUN_DIR_MODELS:
         if (path / name / "config.json").exists():
             return (path / name).resolve()
-    from .runs import checkpoint_dirs  # the one place that knows checkpoint names and their order
-
     numbered = [p for p in checkpoint_dirs(path) if (p / "config.json").exists()]
     return numbered[-1] if numbered else path
 

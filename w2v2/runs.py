@@ -41,11 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from .fileio import CHECKSUMS, _fsync_dir, atomic_open, remove_stale_temporaries, verify_checksums, write_checksums
+from .run_layout import CHECKPOINT_PREFIX, LAST, checkpoint_dirs, checkpoint_name, checkpoint_step  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint_"
-LAST = "checkpoint_last"
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 # without any of these a checkpoint is damaged (the weights' other files are listed in its checksums)
@@ -95,34 +94,6 @@ def seed_everything(seed: int) -> None:
 class RunError(ValueError):
     """A run directory that cannot be used or written (in use by another process, disk full); the
     message names the path. A ValueError so that commands report it as one line."""
-
-
-def checkpoint_name(step: int) -> str:
-    """``checkpoint_0000100``: seven digits, so that listings of runs up to 10 million updates
-    sort by step too (the code never relies on that: see :func:`checkpoint_step`)."""
-    return f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def checkpoint_step(name: str) -> int | None:
-    """The update number a checkpoint directory's name holds, None for any other name."""
-    digits = name[len(CHECKPOINT_PREFIX):]
-    if name.startswith(CHECKPOINT_PREFIX) and digits.isascii() and digits.isdigit():
-        return int(digits)
-    return None
-
-
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """The ``checkpoint_<step>`` directories of a run as ``run_dir/<name>``, oldest first by update
-    number (not by name: ``checkpoint_10000000`` comes after ``checkpoint_9999999``). Links,
-    files, set-aside (``.corrupt``) and foreign names are not checkpoints."""
-    run_dir = Path(run_dir)
-    try:
-        entries = list(os.scandir(run_dir))
-    except OSError:
-        return []
-    found = [(step, run_dir / e.name) for e in entries
-             if (step := checkpoint_step(e.name)) is not None and e.is_dir(follow_symlinks=False)]
-    return [path for _, path in sorted(found)]
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
