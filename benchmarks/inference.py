@@ -4,6 +4,9 @@
     python benchmarks/inference.py --quick    # one timed repeat, no memory measurement
     python benchmarks/inference.py --model DIR  # a checkpoint directory (Hugging Face layout)
 
+Also our ONNX export run by onnxruntime, in float32 and with dynamic int8 matrix products
+(``--precision int8``), on the same threads.
+
 Same weights, inputs and threads for both libraries, all variants timed interleaved in one
 process; medians reported. GFLOP/s count the model's multiply-adds analytically from its config
 (convolutions, projections, attention, FFN) and compare them with the float32 / bfloat16 matmul
@@ -24,10 +27,17 @@ import torch
 import harness
 from w2v2 import precision
 
-VARIANTS = ("transformers fp32", "transformers bf16 autocast", "ours fp32", "ours fast")
+VARIANTS = ("transformers fp32", "transformers bf16 autocast", "ours fp32", "ours fast", "onnx fp32", "onnx int8")
 
 
-def runners(hf, ours, x: torch.Tensor, fast: str):
+def onnx_model(ours, directory: str, threads: int):
+    """Our model exported to ONNX in ``directory``, run by onnxruntime on ``threads`` threads."""
+    from w2v2.onnx import OnnxModel, export_onnx
+
+    return OnnxModel(export_onnx(ours, f"{directory}/model.onnx"), ours.config, ours.vocab, threads=threads)
+
+
+def runners(hf, ours, x: torch.Tensor, fast: str, onnx=None):
     """name -> function returning float32 logits (1, frames, vocab); each runs one pass."""
     xn = harness.normalized(x)
 
@@ -43,8 +53,13 @@ def runners(hf, ours, x: torch.Tensor, fast: str):
             return ours.infer(x).logits
         return run
 
+    def onnx_(prec: str):
+        def run():
+            return onnx.set_precision(prec)(x).logits
+        return run
+
     return {"transformers fp32": tf(False), "transformers bf16 autocast": tf(True),
-            "ours fp32": ours_("fp32"), "ours fast": ours_(fast)}
+            "ours fp32": ours_("fp32"), "ours fast": ours_(fast), "onnx fp32": onnx_("fp32"), "onnx int8": onnx_("int8")}
 
 
 def memory_child(args) -> None:
@@ -56,10 +71,12 @@ def memory_child(args) -> None:
     hf = transformers.Wav2Vec2ForCTC.from_pretrained(args.model, attn_implementation="sdpa").eval() \
         if args.child.startswith("transformers") else None
     ours = w2v2.load_model(args.model).eval() if hf is None else None
+    tmp = tempfile.TemporaryDirectory()
+    onnx = onnx_model(ours, tmp.name, args.threads) if args.child.startswith("onnx") else None
     x, warm = harness.speech(args.seconds), harness.speech(2.0, seed=1)
-    run = runners(hf, ours, warm, args.fast)[args.child]
-    run()  # warm-up: lazy initialisation, oneDNN primitives, cached weights
-    run = runners(hf, ours, x, args.fast)[args.child]
+    run = runners(hf, ours, warm, args.fast, onnx)[args.child]
+    run()  # warm-up: lazy initialisation, oneDNN primitives, cached weights, the int8 graph
+    run = runners(hf, ours, x, args.fast, onnx)[args.child]
     harness.gc.collect()
     before = harness.reset_peak_rss()
     run()
@@ -75,7 +92,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
-    p.add_argument("--fast", default="auto", choices=precision.PRECISIONS, help="precision of the fast path")
+    p.add_argument("--fast", default="auto", choices=("auto", "fp32", "bf16"), help="precision of the fast path")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -89,10 +106,11 @@ def main() -> None:
         hf, ours = harness.model_pair(tmp, None if args.model else harness.hf_config("base"), args.model)
         model_dir = args.model or tmp
         fast_dtype = precision.resolve(args.fast, "cpu")
+        onnx = onnx_model(ours, tmp, args.threads)
         rows, flop_lines = [], []
         for seconds in args.lengths:
             x = harness.speech(seconds)
-            fns = runners(hf, ours, x, args.fast)
+            fns = runners(hf, ours, x, args.fast, onnx)
             logits = {name: f() for name, f in fns.items()}  # also the warm-up pass
             times = harness.interleaved(fns, repeats, warmup=0, clock=args.clock)
             flops = harness.forward_flops(ours.config, x.shape[1])
@@ -112,7 +130,8 @@ def main() -> None:
                 rows.append([
                     f"{seconds:g} s", name + (f" ({args.fast}: {str(fast_dtype).split('.')[-1]})" if name == "ours fast" else ""),
                     f"{times[name]:.3f}", f"{times['transformers fp32'] / times[name]:.2f}x",
-                    f"{gflops:.0f}", f"{100 * gflops / peak['bf16' if bf16 else 'fp32']:.0f}%", mem,
+                    f"{gflops:.0f}", "-" if "int8" in name else f"{100 * gflops / peak['bf16' if bf16 else 'fp32']:.0f}%",
+                    mem,
                     f"{(logits[name] - ref).abs().max().item():.1e}",
                     f"{(logits[name].argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}",
                 ])

@@ -26,6 +26,7 @@ from .safeload import CheckpointError, first_line, read_json, regular_file, torc
 from .vocab import Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+ONNX_GRAPH = "model.onnx"  # in a directory written by ``w2v2 export --onnx``
 HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "vocab.json",
              "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
 # Inside a training run directory, the model that stands for the run, in order of preference.
@@ -53,12 +54,16 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
                with_quantizer: bool | None = None) -> Wav2Vec2:
     """Load a model from a local Hugging Face-layout directory (ours too), a Hub id, or a fairseq ``.pt``.
 
-    A training run directory loads its ``best/`` model, else its newest checkpoint.
+    A training run directory loads its ``best/`` model, else its newest checkpoint. A directory
+    with a ``model.onnx`` (``w2v2 export --onnx``), or the ``.onnx`` file itself, loads as a
+    :class:`w2v2.onnx.OnnxModel` run by onnxruntime.
 
     ``source=None`` or ``"default"`` loads the default model embedded in the package. The model is
     returned in eval mode. ``with_quantizer=False`` drops pretraining modules when present.
     """
     path = find_model(source)
+    if path.suffix == ".onnx" or (path.is_dir() and (path / ONNX_GRAPH).exists()):
+        return _load_onnx(path).to(device)
     if path.is_dir():
         model = _load_hf_dir(path)
     elif path.suffix in FAIRSEQ_SUFFIXES:
@@ -72,9 +77,10 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     return model.to(device).eval()
 
 
-def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike) -> Path:
+def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike, weights: bool = True) -> Path:
     """Write Hugging Face layout: ``Wav2Vec2ForCTC`` when the model has a CTC head, else
-    ``Wav2Vec2ForPreTraining`` (with quantizer) or ``Wav2Vec2Model``. Every file is written atomically."""
+    ``Wav2Vec2ForPreTraining`` (with quantizer) or ``Wav2Vec2Model``. Every file is written atomically.
+    ``weights=False`` writes all but the weights (an ONNX export carries them in its graph)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -90,7 +96,8 @@ def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike) -> Path:
     # Wav2Vec2Model's own keys carry no prefix; the heads' models nest it under "wav2vec2."
     hf_state = state if arch == "Wav2Vec2Model" else convert.ours_to_hf(state)
     pad = model.vocab.blank_index if model.vocab is not None else 0
-    atomic_write_bytes(out / "model.safetensors", save(hf_state, metadata={"format": "pt"}))
+    if weights:
+        atomic_write_bytes(out / "model.safetensors", save(hf_state, metadata={"format": "pt"}))
     _write_json(out / "config.json", convert.config_to_hf(cfg, arch, pad_token_id=pad))
     _write_json(out / "preprocessor_config.json", {
         "do_normalize": cfg.do_normalize, "feature_extractor_type": "Wav2Vec2FeatureExtractor",
@@ -211,7 +218,8 @@ def _download(repo_id: str) -> Path:
 
 
 # --------------------------------------------------------------------------- Hugging Face layout
-def _load_hf_dir(path: Path) -> Wav2Vec2:
+def _read_config(path: Path) -> tuple[ModelConfig, dict]:
+    """The model config of a Hugging Face-layout directory, and its config.json as read."""
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face-layout model directory)")
@@ -223,19 +231,47 @@ def _load_hf_dir(path: Path) -> Wav2Vec2:
     pre = path / "preprocessor_config.json"
     if pre.exists():
         cfg = _with_preprocessor(cfg, read_json(pre), pre)
+    return cfg, hf_cfg
+
+
+def _read_vocab(path: Path) -> Vocabulary | None:
+    """The vocabulary of a Hugging Face-layout directory (vocab.json), None when it has none."""
+    if not (path / "vocab.json").exists():
+        return None
+    try:
+        return Vocabulary.from_json(read_json(path / "vocab.json"), path / "vocab.json")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _load_onnx(path: Path):
+    """An exported graph with the config and vocabulary of its folder, run by onnxruntime."""
+    graph, folder = (path, path.parent) if path.suffix == ".onnx" else (path / ONNX_GRAPH, path)
+    if not graph.is_file():
+        raise CheckpointError(f"{graph}: not a file")
+    cfg, _ = _read_config(folder)
+    vocab = _read_vocab(folder)
+    if vocab is None:
+        raise CheckpointError(f"{folder}: no vocab.json beside the ONNX graph (export it with w2v2 export --onnx)")
+    try:
+        from .onnx import OnnxModel
+
+        return OnnxModel(graph, cfg.replace(vocab_size=len(vocab)), vocab)
+    except ImportError as e:
+        raise CheckpointError(f"{graph}: running ONNX models needs onnxruntime (pip install 'w2v2[onnx]')") from e
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _load_hf_dir(path: Path) -> Wav2Vec2:
+    cfg, hf_cfg = _read_config(path)
     raw = _read_weights(path)
     archs = hf_cfg.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs else "?"
     if arch == "Wav2Vec2Model" or not any(k.startswith("wav2vec2.") for k in raw):
         raw = {"wav2vec2." + k: v for k, v in raw.items()}
     state = convert.hf_to_ours(raw, source=str(path))
-    vocab = None
-    if (path / "vocab.json").exists():
-        try:
-            vocab = Vocabulary.from_json(read_json(path / "vocab.json"), path / "vocab.json")
-        except ValueError as e:
-            raise CheckpointError(str(e)) from e
-    return _build_from_state(cfg, state, vocab, str(path))
+    return _build_from_state(cfg, state, _read_vocab(path), str(path))
 
 
 def _with_preprocessor(cfg: ModelConfig, pre: object, path: Path) -> ModelConfig:

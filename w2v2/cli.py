@@ -24,7 +24,7 @@ COMMANDS = {
     "pretrain": ("pretrain", "self-supervised pretraining on unlabeled audio"),
     "finetune": ("finetune", "CTC fine-tuning on transcribed audio"),
     "evaluate": ("evaluate", "WER/CER of a model on a manifest"),
-    "export": ("export", "export a checkpoint to Hugging Face format"),
+    "export": ("export", "export a checkpoint to Hugging Face format, or to ONNX"),
     "embed": ("embed", "extract representations to safetensors/npy"),
     "probe": ("probe", "linear probe accuracy per layer"),
     "plot": ("plot", "render training curves and diagnostics of a run directory"),

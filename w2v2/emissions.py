@@ -142,7 +142,9 @@ def resolve_device(device: str | None) -> torch.device:
 
 def resolve_precision(device: torch.device, precision: str) -> str:
     """``auto`` -> ``bf16`` where the hardware multiplies bfloat16 natively, else ``fp32``
-    (:func:`w2v2.precision.resolve` decides); ``fp32`` and ``bf16`` unchanged."""
+    (:func:`w2v2.precision.resolve` decides); ``fp32``, ``bf16`` and ``int8`` unchanged."""
+    if precision == "int8":  # a precision of onnxruntime models (w2v2.onnx), no torch dtype
+        return precision
     return "bf16" if _precision.resolve(precision, device) == torch.bfloat16 else "fp32"
 
 

@@ -1,10 +1,11 @@
-"""Numeric precision of a model's computation: ``"fp32"``, ``"bf16"``, or ``"auto"``.
+"""Numeric precision of a model's computation: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"auto"``.
 
 ``"auto"`` picks bfloat16 where the hardware multiplies it natively (CUDA GPUs with bf16
 support; x86 CPUs with AMX-BF16 or AVX512-BF16, unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below
 them) and float32 elsewhere. Parameters always stay
 float32 (state dicts and training are unaffected); in bfloat16 mode the model computes on
-bfloat16 copies of its weights, cached until the weights change.
+bfloat16 copies of its weights, cached until the weights change. ``"int8"`` (dynamic int8 matrix
+products, the rest float32) runs through onnxruntime: :func:`w2v2.onnx.for_precision`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from .fast import onednn
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) below AVX512_CORE_BF16: oneDNN then
@@ -60,6 +61,9 @@ def fast_bf16(device: torch.device | str) -> bool:
 def resolve(name: str, device: torch.device | str) -> torch.dtype:
     """The compute dtype for precision ``name`` on ``device``."""
     check_precision(name)
+    if name == "int8":
+        raise ValueError("int8 runs through onnxruntime: load an ONNX export (w2v2 export MODEL DIR --onnx) "
+                         "or convert the model with w2v2.onnx.for_precision(model, 'int8')")
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
     return DTYPES[name]

@@ -29,6 +29,7 @@ from .emissions import (
     resolve_precision,
 )
 from .model import Wav2Vec2
+from .onnx import for_precision
 from .precision import check_precision
 
 BEAM_WINDOW_SECONDS = 30.0  # beam search and its alignment run on windows of at most this
@@ -42,7 +43,8 @@ class TranscribeOptions:
     ``beam_width`` selects beam search (width 100 unless given). ``batch_size=None``: 1 on
     CPU (peak memory: one 30 s chunk of BASE needs ~0.5 GB), 8 on a GPU. ``device=None``:
     CUDA when available. ``precision``: ``auto`` (bf16 where the hardware multiplies it natively:
-    CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; else fp32), ``fp32`` or ``bf16``.
+    CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; else fp32), ``fp32``, ``bf16`` or ``int8``
+    (through onnxruntime: :func:`w2v2.onnx.for_precision`).
     """
 
     chunk_seconds: float = 30.0
@@ -98,7 +100,7 @@ class Transcriber:
             precision=resolve_precision(device, options.precision),
             batch_size=options.batch_size or (8 if device.type == "cuda" else 1),
         )
-        self.model = model.to(device).eval()
+        self.model = for_precision(model, options.precision).to(device).eval()  # int8: onnxruntime
         self.options = options
         self.model_name = model_name
         self.plan = plan_chunks(options.chunk_seconds, options.stride_seconds, model.config)

@@ -119,7 +119,8 @@ SHARED = {
     "--precision": lambda: dict(
         choices=_precisions(), default="auto",
         help="model arithmetic; auto: bf16 where the hardware multiplies it natively (CUDA GPUs with bf16, CPUs "
-             "with AVX512-BF16 or AMX), else fp32; fp32: reference numerics"),
+             "with AVX512-BF16 or AMX), else fp32; fp32: reference numerics; int8: dynamic int8 matrix products "
+             "through onnxruntime (docs/deploy.md)"),
     "--progress": lambda: dict(action=argparse.BooleanOptionalAction, default=True, help=PROGRESS_HELP),
     "--layers": lambda: dict(aliases=("--layer",), default="all",
                              help="'all' (0..N, 0 = Transformer input), one layer N, or a list like 0,6,12 "

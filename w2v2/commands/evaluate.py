@@ -38,9 +38,10 @@ def build_engine(args):
     case = {"keep": None}.get(args.case, args.case)
     if args.engine == "pocketsphinx":
         return PocketSphinxEngine(case=case or "upper")
+    from ..onnx import for_precision
     from ._shared import load_cli_model
 
-    model = load_cli_model(args)
+    model = for_precision(load_cli_model(args), args.precision)  # int8: onnxruntime
     model.set_precision(args.precision)
     decoder = None
     if args.lm or args.beam_width:
