@@ -29,15 +29,8 @@ from tests.conftest import longest_clip, tiny_ctc_model
 from tests.helpers import BF16_U, FP16_U, FP32_U, TF32_U, logit_error_bound, within
 from w2v2 import precision as precision_module
 from w2v2.audio import SAMPLE_RATE, load_audio
-from w2v2.emissions import (
-    ChunkPlan,
-    Emissions,
-    compute_emissions,
-    iter_chunks,
-    plan_chunks,
-    precision_context,
-    resolve_precision,
-)
+from w2v2.emissions import ChunkPlan, Emissions, compute_emissions, iter_chunks, plan_chunks
+from w2v2.precision import precision_context, resolve_precision
 
 LETTERS = ["abcdefghijklmnopqrstuvwxyz'"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +114,7 @@ def test_stitched_equals_single_pass_for_a_bounded_window_model(speech, speech_w
     assert len(speech) > 2 * 4 * SAMPLE_RATE  # at least three 4 s chunks
     em = stitched(model, speech_wav, chunk_seconds=4.0, stride_seconds=1.0, batch_size=2)
     assert em.frames == ref.shape[0] and em.samples == len(speech)
-    assert torch.equal(em.path, ref.argmax(-1))
+    assert torch.equal(em.best_ids, ref.argmax(-1))
     torch.testing.assert_close(em.best_log_prob, ref.max(-1).values, atol=1e-4, rtol=0)
     # stored as float16: one rounding (unit roundoff 2^-11) on top of the float32 agreement above
     assert ((em.log_probs() - ref).abs() <= FP16_U * ref.abs() + 1e-4).all()
@@ -150,7 +143,7 @@ def test_full_model_matches_naive_chunking_with_batches(speech, speech_wav):
     for batch_size in (1, 3):  # the short last chunk is padded in a batch of 3
         em = stitched(model, speech_wav, 4.0, 1.0, batch_size=batch_size)
         torch.testing.assert_close(em.best_log_prob, ref.max(-1).values, atol=1e-4, rtol=0)
-        assert (em.path == ref.argmax(-1)).float().mean() > 0.99  # near-ties of a random model may flip
+        assert (em.best_ids == ref.argmax(-1)).float().mean() > 0.99  # near-ties of a random model may flip
 
 
 def test_full_model_agreement_grows_with_stride(speech):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
+import json
+from pathlib import Path
 
 import jiwer
 import pytest
@@ -13,11 +16,12 @@ import w2v2
 from w2v2.cli import main
 from w2v2.commands.export import export
 from w2v2.config import tiny
-from w2v2.evaluate import (PocketSphinxEngine, Utterance, W2v2Engine, evaluate, length_batches, read_utterances,
-                           score, write_errors)
-from w2v2.text import build_vocabulary
+from w2v2.audio import SAMPLE_RATE, load_audio
+from w2v2.evaluate import (Hypothesis, PocketSphinxEngine, Utterance, W2v2Engine, evaluate, read_utterances, score,
+                           write_errors)
+from w2v2.text import build_vocabulary, normalize_text
 
-from .conftest import ROOT
+from .conftest import ROOT, read_manifest
 from .helpers import FP16_U, logit_error_bound
 
 CLIPS = [("000010168", "Bye!"), ("000050175", "good job"), ("000480090", "BY THE HAND.")]
@@ -37,41 +41,23 @@ def test_score_matches_jiwer_on_normalised_text():
     assert [u.words for u in per] == [2, 3, 3, 2]
 
 
-def test_length_batches_sort_and_bound():
-    lengths = [5, 100, 30, 60, 7, 100]
-    batches = length_batches(lengths, max_samples=200)
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    for b in batches:
-        assert len(b) * max(lengths[i] for i in b) <= 200 or len(b) == 1
-        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
-    assert length_batches([500], max_samples=100) == [[0]]
-
-
-def test_batched_inference_equals_one_by_one():
-    torch.manual_seed(0)
-    model = w2v2.build_model(tiny(), vocab=build_vocabulary(["AB CD"]))
-    waves = [torch.randn(n).numpy() for n in (8000, 3000, 12000, 5000)]
-    batched = W2v2Engine(model, batch_seconds=2.0).logits(waves)
-    single = W2v2Engine(model, batch_seconds=0.01).logits(waves)  # one utterance per batch
-    for a, b in zip(batched, single):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
 class FixedEngine:
+    """Fixed texts by file name (whatever order evaluate asks in), the real audio length."""
+
     name, case = "fixed", "upper"
 
-    def __init__(self, texts):
+    def __init__(self, texts: dict[str, str]):
         self.texts = texts
 
-    def transcribe(self, waveforms):
-        assert len(waveforms) == len(self.texts)
-        return self.texts
+    def transcribe(self, paths):
+        return [Hypothesis(self.texts[Path(p).stem], len(load_audio(p)) / SAMPLE_RATE) for p in paths]
 
 
 def test_evaluate_scores_real_clips_and_writes_errors(tmp_path, data_dir):
-    utts = [Utterance(str(data_dir / "speechocean762-train" / "audio" / f"{u}.opus"), t) for u, t in CLIPS]
-    result = evaluate(FixedEngine(["BYE", "GOOD JOB", "BUY THE HAT"]), utts)
+    utts = [Utterance(str(data_dir / "speechocean762-train" / "audio" / f"{u}.opus"), t, s)
+            for (u, t), s in zip(CLIPS, (1.0, 3.0, 2.0))]  # the engine gets them longest first
+    result = evaluate(FixedEngine(dict(zip([u for u, _ in CLIPS], ["BYE", "GOOD JOB", "BUY THE HAT"]))), utts)
+    assert [u.hyp for u in result.utterances] == ["BYE", "GOOD JOB", "BUY THE HAT"]  # back in manifest order
     assert result.wer == pytest.approx(2 / 6) and result.words == 6
     assert 4.5 < result.audio_seconds < 5.5 and result.rtf >= 0
     write_errors(result, tmp_path / "errors.tsv")
@@ -153,3 +139,89 @@ def test_make_splits_speaker_disjoint_nested_deterministic(tmp_path, data_dir, m
     mod.main([str(tmp_path), "--data", str(data_dir)])
     rows = importlib.import_module("w2v2.data").read_manifest(tmp_path / "dev.tsv")
     assert len(rows) == len(a["dev"]) and all(r.path.startswith("/") for r in rows)
+
+
+# ---------------------------------------------------------------- evaluate scores what transcribe ships
+
+
+@pytest.fixture(scope="module")
+def real_slice(tmp_path_factory, data_dir):
+    """A manifest of real speech: 20 speechocean762 utterances spread over the corpus, the 3 longest
+    ljspeech ones (chunked below) and 2 fsdd digits (8 kHz: resampled while read)."""
+    rows = []
+    for folder, pick in (("speechocean762-train", lambda m: m[::125][:20]),
+                         ("ljspeech-amateur", lambda m: sorted(m, key=lambda r: -float(r["seconds"]))[:3]),
+                         ("fsdd", lambda m: m[::1500])):
+        rows += [(data_dir / folder / r["path"], r) for r in pick(read_manifest(data_dir / folder))]
+    path = tmp_path_factory.mktemp("slice") / "slice.tsv"
+    path.write_text("path\tseconds\tspeaker\ttext\n" + "".join(
+        f"{p}\t{r['seconds']}\t{r['speaker']}\t{r['text']}\n" for p, r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def slice_lm(tmp_path_factory, data_dir):
+    pytest.importorskip("pyctcdecode")
+    pytest.importorskip("kenlm")
+    from w2v2.decoding import build_ngram_lm
+
+    texts = [r["text"] for r in read_manifest(data_dir / "speechocean762-train")]
+    return build_ngram_lm(texts, tmp_path_factory.mktemp("lm") / "so.arpa", order=3)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("decoder", ["greedy", "lm"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluate_hypotheses_are_what_transcribe_writes(precision, decoder, real_slice, tmp_path, capsys, request):
+    """For every utterance, `w2v2 evaluate` scores exactly the text `w2v2 transcribe` writes for that
+    file with the same options: the embedded trained model, chunks of 6 s so that the long files are
+    cut and stitched, beam search with an n-gram LM in the "lm" case."""
+    options = ["--precision", precision, "--device", "cpu", "--chunk-seconds", "6", "--stride-seconds", "1"]
+    if decoder == "lm":
+        options += ["--lm", str(request.getfixturevalue("slice_lm"))]
+    utts = read_utterances(real_slice)
+    assert main(["transcribe", *[u.path for u in utts], "-f", "json", "-o", str(tmp_path / "out"), *options]) == 0
+    shipped = {u.path: json.loads((tmp_path / "out" / f"{Path(u.path).stem}.json").read_text())["text"] for u in utts}
+    assert sum(len(t.split()) for t in shipped.values()) > 20  # a real model saying real words
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(real_slice), "--out", str(tmp_path / "errors.tsv"), *options]) == 0
+    table = capsys.readouterr().out
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "errors.tsv", encoding="utf-8"), delimiter="\t",
+                                                 quoting=csv.QUOTE_NONE)}
+    assert set(rows) == set(shipped)
+    for path, text in shipped.items():
+        assert rows[path]["hyp"] == normalize_text(text, case="upper"), path
+    wer, cer, _ = score([u.text for u in utts], [shipped[u.path] for u in utts], case="upper")
+    assert f"{100 * wer:>7.2f} {100 * cer:>7.2f}" in table  # the printed WER is the shipped text's
+
+
+def test_w2v2_engine_returns_the_transcribers_raw_texts_in_any_batch(real_slice):
+    """The engine's texts (before normalisation) are the one-call API's; batching several
+    files' chunks together (as on a GPU) pads exactly, so the texts stay the same."""
+    from w2v2.transcribe import TranscribeOptions, Transcriber, transcribe
+
+    model = w2v2.load_model()
+    paths = [u.path for u in read_utterances(real_slice)][18:]  # two short, three long, two 8 kHz files
+    options = TranscribeOptions(chunk_seconds=6.0, stride_seconds=1.0, device="cpu", precision="fp32")
+    alone = [transcribe(model, p, options)["text"] for p in paths]
+    for batch_size in (1, 4):
+        engine = W2v2Engine(Transcriber(model, dataclasses.replace(options, batch_size=batch_size)))
+        hyps = engine.transcribe(paths)
+        assert [h.text for h in hyps] == alone, batch_size
+        assert [h.seconds for h in hyps] == pytest.approx([len(load_audio(p)) / SAMPLE_RATE for p in paths],
+                                                          abs=1e-3)
+
+
+def test_evaluate_stops_on_an_unreadable_file_with_one_line_naming_it(tmp_path, data_dir, tiny_model_dir, capsys):
+    """A WER without some of the manifest's utterances would be presented as the manifest's."""
+    junk = tmp_path / "junk.wav"
+    junk.write_text("not audio")
+    good = data_dir / "speechocean762-train" / "audio" / f"{CLIPS[0][0]}.opus"
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(f"path\ttext\n{good}\tBYE\n{junk}\tHELLO\n{tmp_path / 'missing.wav'}\tHELLO\n")
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(manifest), "--device", "cpu",
+                 "--out", str(tmp_path / "errors.tsv")]) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"w2v2 evaluate: error: {junk}: ") and "Traceback" not in err
+    assert "WER" not in out and not (tmp_path / "errors.tsv").exists()

@@ -126,7 +126,7 @@ def test_stitched_equals_single_pass_at_every_chunk_boundary(window_model, chunk
     torch.testing.assert_close(em.best_log_prob, ref.max(-1).values, atol=1e-4, rtol=0)
     top2 = ref.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # the argmax of a near-tie may flip with rounding
-    assert torch.equal(em.path[clear], ref.argmax(-1)[clear])
+    assert torch.equal(em.best_ids[clear], ref.argmax(-1)[clear])
 
 
 # ---------------------------------------------------------------------------- fuzzing the loader

@@ -289,13 +289,34 @@ class AudioDataset(Dataset):
 # ---------------------------------------------------------------------------- batching
 
 
-def pad_waveforms(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D tensors -> (waveforms (batch, max samples) zero-padded, lengths (batch,))."""
+def pad_waveforms(waves: Sequence[torch.Tensor | np.ndarray], length: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D tensors or arrays -> (waveforms (batch, length) float32 zero-padded, lengths (batch,) long).
+
+    ``length``: the padded number of samples, at least the longest item's (None: the longest).
+    The one place a batch is padded: training batches (:class:`Collate`), chunked inference
+    (``emissions.py``) and embeddings (``embed.py``) all come through here, so the model sees
+    the same zero padding with the same ``lengths`` whichever path made the batch."""
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-    out = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0, dtype=torch.float32)
+    longest = int(lengths.max()) if len(waves) else 0
+    if length is None:
+        length = longest
+    elif length < longest:
+        raise ValueError(f"cannot pad to {length} samples: the longest item has {longest}")
+    out = torch.zeros(len(waves), length, dtype=torch.float32)
     for i, w in enumerate(waves):
-        out[i, :len(w)] = w
+        out[i, :len(w)] = torch.as_tensor(w)
     return out, lengths
+
+
+def padded_length(n: int) -> int:
+    """Round a batch's length up to one of few sizes: a multiple of max(4000, 2^(floor(log2 n) - 3))
+    samples, so under 0.25 s or 12.5% longer (padding is exact: ``lengths`` travel with the batch).
+    On CPU, oneDNN builds and caches kernels for every distinct convolution shape, which costs time
+    and tens of MB per shape: without buckets, a corpus of varied durations pays that for every batch
+    and grows memory with it (figures in ``docs/performance.md``)."""
+    step = max(4000, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
 
 
 class Collate:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, AudioError, audio_duration, list_audio_files, load_audio
-from .data import read_rows
+from .data import pad_waveforms, padded_length, read_rows
 from .model import Wav2Vec2
 
 POOLS = ("mean", "none")
@@ -239,22 +239,10 @@ def _embed_batch(model: Wav2Vec2, batch: list[tuple[int, Item]], layers: list[in
     return results
 
 
-def padded_length(n: int) -> int:
-    """Round a batch's length up to one of few sizes: a multiple of max(4000, 2^(floor(log2 n) - 3))
-    samples, so under 0.25 s or 12.5% longer (padding is exact). On CPU, oneDNN caches tens of MB per
-    distinct convolution shape (measured: ~35-50 MB per shape for ``small``): without buckets a
-    corpus of varied durations grows memory with every batch."""
-    step = max(4000, 1 << max(0, n.bit_length() - 4))
-    return -(-n // step) * step
-
-
 @torch.inference_mode()
 def _forward(model: Wav2Vec2, wavs: list[np.ndarray], num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded batch -> hidden states (num_layers+1, batch, frames, dim) and valid frames (batch,)."""
-    lengths = torch.tensor([len(w) for w in wavs])
-    x = torch.zeros(len(wavs), padded_length(int(lengths.max())))  # (batch, samples)
-    for b, w in enumerate(wavs):
-        x[b, :len(w)] = torch.from_numpy(w)
+    x, lengths = pad_waveforms(wavs, padded_length(max(len(w) for w in wavs)))  # (batch, samples), (batch,)
     dev = model.device
     out = model(x.to(dev), lengths.to(dev), output_hidden_states=True, num_layers=num_layers)
     return torch.stack(out.hidden_states), out.lengths.cpu()

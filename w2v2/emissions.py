@@ -23,16 +23,18 @@ window (the feature encoder and positional convolution) when the stride covers t
 self-attention, the feature encoder's group norm (BASE) and the input normalisation see
 the whole chunk, so for full models the stride trades compute for agreement (see
 ``docs/transcribe.md``).
+
+:func:`utterance_logits` is the one path without chunks: raw logits of whole utterances in
+padded batches, for fine-tuning's validation loss.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +42,10 @@ import torch
 
 from .audio import SAMPLE_RATE, AudioError, stream_audio
 from .config import ModelConfig
+from .data import make_batches, pad_waveforms, padded_length
 from .model import Wav2Vec2
 from .modules import conv_output_lengths
-from . import precision as _precision
+from .precision import precision_context
 
 
 # --------------------------------------------------------------------------- geometry
@@ -126,41 +129,6 @@ def iter_chunks(blocks: Iterable[np.ndarray], plan: ChunkPlan) -> Iterator[Chunk
     yield Chunk(k * plan.step, rest, left if k else 0, plan.frames(len(rest)), last=True)
 
 
-# --------------------------------------------------------------------------- precision
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/"auto": CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device}: not a device (cpu, cuda, cuda:1, ... or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
-    return dev
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` -> ``bf16`` where the hardware multiplies bfloat16 natively, else ``fp32``
-    (:func:`w2v2.precision.resolve` decides); ``fp32``, ``bf16`` and ``int8`` unchanged."""
-    if precision == "int8":  # a precision of onnxruntime models (w2v2.onnx), no torch dtype
-        return precision
-    return "bf16" if _precision.resolve(precision, device) == torch.bfloat16 else "fp32"
-
-
-@contextlib.contextmanager
-def precision_context(model: Wav2Vec2, precision: str) -> Iterator[None]:
-    """The one place that sets the inference precision: the model's own compute precision
-    (:meth:`Wav2Vec2.set_precision`; bf16 computes on cached bfloat16 weights with norms and
-    softmax accumulating in float32, logits float32), restored when the block ends."""
-    before = model.precision
-    model.set_precision(precision)
-    try:
-        yield
-    finally:
-        model.set_precision(before)
-
-
 # --------------------------------------------------------------------------- per-file results
 class Emissions:
     """The stitched per-frame results of one file, appended chunk by chunk.
@@ -173,7 +141,7 @@ class Emissions:
 
     def __init__(self, keep_log_probs: bool = False):
         self.keep_log_probs = keep_log_probs
-        self._path: list[torch.Tensor] = []
+        self._best_ids: list[torch.Tensor] = []
         self._best: list[torch.Tensor] = []
         self._log_probs: list[torch.Tensor] = []
         self.samples = 0  # file length, known once the last chunk was added
@@ -181,17 +149,17 @@ class Emissions:
 
     def add(self, log_probs: torch.Tensor) -> None:
         """log_probs: (frames, vocab) float32 of kept frames, in file order."""
-        best, path = log_probs.max(-1)
-        self._path.append(path.to(torch.int16).cpu())
+        best, ids = log_probs.max(-1)
+        self._best_ids.append(ids.to(torch.int16).cpu())
         self._best.append(best.float().cpu())
         if self.keep_log_probs:
             self._log_probs.append(log_probs.to(torch.float16).cpu())
         self.frames += log_probs.shape[0]
 
     @property
-    def path(self) -> torch.Tensor:
-        """(frames,) int64 best token per frame."""
-        return torch.cat(self._path).long() if self._path else torch.zeros(0, dtype=torch.long)
+    def best_ids(self) -> torch.Tensor:
+        """(frames,) int64 id of the best token per frame (the greedy path, before collapsing)."""
+        return torch.cat(self._best_ids).long() if self._best_ids else torch.zeros(0, dtype=torch.long)
 
     @property
     def best_log_prob(self) -> torch.Tensor:
@@ -257,11 +225,18 @@ def compute_emissions(
 ) -> Iterator[tuple[object, Emissions | BaseException]]:
     """Stitched emissions for every ``(key, audio)`` of ``sources``, yielded in order as
     ``(key, Emissions)``, or ``(key, exception)`` for an input that could not be read
-    (the others go on). Chunks of consecutive files share batches of ``batch_size``.
-    ``on_chunk(key, seconds)`` reports progress after each batch, in seconds of audio.
-    Errors of the model itself (out of memory, say) are raised.
+    (the others go on). ``on_chunk(key, seconds)`` reports progress after each batch, in
+    seconds of audio. Errors of the model itself (out of memory, say) are raised.
+
+    Chunks of consecutive files share batches of at most ``batch_size`` full chunks' worth of
+    padded samples: ``batch_size`` chunks of long audio, or more of short files (memory stays
+    that of ``batch_size`` chunks). A batch is padded to one of few lengths
+    (:func:`w2v2.data.padded_length`, at most one chunk), so runs over many files of varied
+    length meet few distinct shapes. Padding is exact (``lengths``): a file's emissions depend
+    on its batch neighbours only by float rounding.
     """
     device = torch.device(device)
+    budget = batch_size * plan.chunk  # padded samples per forward pass
     states: list[_FileState] = []  # files with chunks in flight, in input order
     batch: list[_Job] = []
 
@@ -278,17 +253,31 @@ def compute_emissions(
                 state.emissions.samples = chunk.start + len(chunk.audio)
             if chunk.keep_end <= chunk.keep_start:  # shorter than one frame: nothing to run
                 continue
-            batch.append(_Job(state, chunk))
+            job = _Job(state, chunk)
+            if batch and _padded_samples([*batch, job], plan) > budget:
+                _run_batch(model, batch, plan, device, precision, on_chunk)
+                batch = []
+                yield from finished()
+            batch.append(job)
             state.pending += 1
-            if len(batch) == batch_size:
-                _run_batch(model, batch, device, precision, on_chunk)
+            if _padded_samples(batch, plan) >= budget:
+                _run_batch(model, batch, plan, device, precision, on_chunk)
                 batch = []
                 yield from finished()
         state.done_reading = True
         yield from finished()
     if batch:
-        _run_batch(model, batch, device, precision, on_chunk)
+        _run_batch(model, batch, plan, device, precision, on_chunk)
     yield from finished()
+
+
+def _padded_width(jobs: list[_Job], plan: ChunkPlan) -> int:
+    """Samples per row of the padded batch: the longest chunk rounded up to a bucket, at most a chunk."""
+    return min(padded_length(max(len(j.chunk.audio) for j in jobs)), plan.chunk)
+
+
+def _padded_samples(jobs: list[_Job], plan: ChunkPlan) -> int:
+    return len(jobs) * _padded_width(jobs, plan)
 
 
 def _read_chunks(state: _FileState, source: AudioInput, plan: ChunkPlan) -> Iterator[Chunk]:
@@ -299,13 +288,10 @@ def _read_chunks(state: _FileState, source: AudioInput, plan: ChunkPlan) -> Iter
         state.error = e
 
 
-def _run_batch(model: Wav2Vec2, batch: list[_Job], device: torch.device, precision: str,
+def _run_batch(model: Wav2Vec2, batch: list[_Job], plan: ChunkPlan, device: torch.device, precision: str,
                on_chunk: Callable[[object, float], None] | None) -> None:
     """Run the model on a batch of chunks (zero-padded, with lengths); append kept frames."""
-    lengths = torch.tensor([len(j.chunk.audio) for j in batch])
-    wav = torch.zeros(len(batch), int(lengths.max()))  # (batch, samples)
-    for i, job in enumerate(batch):
-        wav[i, : lengths[i]] = torch.from_numpy(job.chunk.audio)
+    wav, lengths = pad_waveforms([job.chunk.audio for job in batch], _padded_width(batch, plan))  # (batch, samples)
     with torch.inference_mode(), precision_context(model, precision):
         out = model(wav.to(device), lengths.to(device))
     log_probs = out.logits.float().log_softmax(-1)  # (batch, frames, vocab)
@@ -319,6 +305,27 @@ def _run_batch(model: Wav2Vec2, batch: list[_Job], device: torch.device, precisi
             on_chunk(state.key, kept / SAMPLE_RATE)
     del out, log_probs, wav
     release_free_memory()
+
+
+# --------------------------------------------------------------------------- whole utterances
+def utterance_logits(model: Wav2Vec2, waveforms: Sequence[np.ndarray], max_samples: int) -> list[torch.Tensor]:
+    """(frames, vocab) float32 logits on the CPU of each whole waveform (samples,), in input order.
+
+    No chunking: padded batches of similar length (longest first, items × longest
+    <= ``max_samples``), in eval mode on the model's device and precision. For fine-tuning's
+    validation, whose CTC loss needs the raw logits of whole training-length utterances;
+    accuracy figures of a finished model come from ``evaluate``, which runs the transcriber.
+    """
+    lengths = [len(w) for w in waveforms]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[torch.Tensor | None] = [None] * len(waveforms)
+    for batch in make_batches(lengths, max_samples, order):
+        wav, lens = pad_waveforms([waveforms[i] for i in batch])  # (batch, samples), (batch,)
+        res = model.infer(wav.to(model.device), lens.to(model.device))
+        logits = res.logits.float().cpu()  # (batch, frames, vocab)
+        for row, i in enumerate(batch):
+            out[i] = logits[row, : int(res.lengths[row])]
+    return out  # type: ignore[return-value]
 
 
 def release_free_memory() -> None:

@@ -1,6 +1,6 @@
 """Word and character error rates of a speech recogniser on a manifest.
 
-    engine.transcribe(waveforms) -> hypotheses  ->  normalise ref and hyp alike  ->  jiwer
+    engine.transcribe(paths) -> hypotheses  ->  normalise ref and hyp alike  ->  jiwer
 
 Both sides go through :func:`w2v2.text.normalize_text` with one case (the case the model's
 vocabulary was built for, see :func:`w2v2.text.infer_case`), so punctuation, apostrophe
@@ -9,10 +9,13 @@ training and validation transcripts. WER and CER are corpus-level (total edits o
 reference words / characters, spaces counted as characters in CER), as jiwer computes them
 for lists; per-utterance rates go to the error table.
 
-Engines: :class:`W2v2Engine` (a CTC model with greedy or beam-search decoding, batched by
-length) and :class:`PocketSphinxEngine` (CMU PocketSphinx with the US English model shipped
-in its wheel: a classical HMM/GMM baseline scored the same way). The real-time factor is
-compute seconds (model plus decoding, not audio file decoding) over audio seconds.
+Engines: :class:`W2v2Engine` runs a :class:`w2v2.transcribe.Transcriber`, the one that
+``w2v2 transcribe`` runs: the same audio reading, chunking of long files, batching, precision
+and decoders, so a hypothesis is the text ``transcribe`` gives for that file with the same
+options, and a WER printed here is the accuracy of ``transcribe``. :class:`PocketSphinxEngine`
+is CMU PocketSphinx with the US English model shipped in its wheel: a classical HMM/GMM
+baseline scored the same way. The real-time factor is the engine's seconds from file to text
+(reading the audio, the model, decoding) over audio seconds.
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ from typing import Protocol
 
 import jiwer
 import numpy as np
-import torch
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, AudioError, load_audio
 from .fileio import atomic_open
 from .text import infer_case, normalize_text
 
@@ -35,6 +37,7 @@ from .text import infer_case, normalize_text
 class Utterance:
     path: str
     text: str  # reference transcript, as in the manifest
+    seconds: float | None = None  # the manifest's duration, for batching only
 
 
 @dataclass
@@ -89,71 +92,38 @@ def score(refs: list[str], hyps: list[str], case: str | None = "upper",
 
 
 # --------------------------------------------------------------------------- engines
+@dataclass(frozen=True)
+class Hypothesis:
+    text: str  # as the engine wrote it, not normalised
+    seconds: float  # audio length
+
+
 class Engine(Protocol):
     name: str
     case: str | None  # the case hypotheses and references are compared in
 
-    def transcribe(self, waveforms: list[np.ndarray]) -> list[str]: ...
-
-
-def length_batches(lengths: list[int], max_samples: int, max_items: int | None = None) -> list[list[int]]:
-    """Indices sorted by length (longest first), grouped so that items × longest <= max_samples.
-
-    A single item longer than ``max_samples`` gets a batch of its own."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            b = batches[-1]
-            fits = (len(b) + 1) * lengths[b[0]] <= max_samples and (max_items is None or len(b) < max_items)
-            if fits:
-                b.append(i)
-                continue
-        batches.append([i])
-    return batches
+    def transcribe(self, paths: list[str]) -> list[Hypothesis]: ...
 
 
 class W2v2Engine:
-    """A CTC model: padded batches of similar length, then greedy or beam-search decoding.
+    """A CTC model run by a :class:`w2v2.transcribe.Transcriber` (its options say device,
+    precision, batch size, chunking and decoder). All paths of a call go to one
+    ``transcribe_many``, whose batches take chunks of consecutive files."""
 
-    decoder: None for greedy decoding, or an object with ``decode(logits (time, vocab))``
-    returning something with ``.text`` (e.g. :class:`w2v2.decoding.BeamSearchDecoder`).
-    """
-
-    def __init__(self, model, decoder=None, batch_seconds: float = 200.0, device: str | torch.device = "cpu",
-                 name: str = "w2v2"):
-        if model.lm_head is None or model.vocab is None:
-            raise ValueError("the model has no CTC head and vocabulary; evaluate a fine-tuned model")
-        self.model = model.to(device).eval()
-        self.decoder = decoder
-        self.max_samples = int(batch_seconds * SAMPLE_RATE)
-        self.device = torch.device(device)
+    def __init__(self, transcriber, name: str = "w2v2"):
+        self.transcriber = transcriber
         self.name = name
-        self.case = infer_case(model.vocab)
+        self.case = infer_case(transcriber.model.vocab)
 
-    @torch.inference_mode()
-    def logits(self, waveforms: list[np.ndarray]) -> list[torch.Tensor]:
-        """Per utterance (frames, vocab) float32 logits on the CPU, in input order."""
-        out: list[torch.Tensor | None] = [None] * len(waveforms)
-        for batch in length_batches([len(w) for w in waveforms], self.max_samples):
-            wav = torch.zeros(len(batch), len(waveforms[batch[0]]))  # (batch, samples), longest first
-            lengths = torch.tensor([len(waveforms[i]) for i in batch])
-            for row, i in enumerate(batch):
-                wav[row, : len(waveforms[i])] = torch.from_numpy(waveforms[i])
-            res = self.model(wav.to(self.device), lengths.to(self.device))
-            logits = res.logits.float().cpu()  # (batch, frames, vocab)
-            for row, i in enumerate(batch):
-                out[i] = logits[row, : int(res.lengths[row])]
-        return out  # type: ignore[return-value]
-
-    def transcribe(self, waveforms: list[np.ndarray]) -> list[str]:
-        from .decoding import greedy_decode
-
-        texts = []
-        for lg in self.logits(waveforms):
-            decoded = greedy_decode(lg, self.model.vocab) if self.decoder is None else self.decoder.decode(lg)
-            texts.append(decoded.text)
-        return texts
+    def transcribe(self, paths: list[str]) -> list[Hypothesis]:
+        out = []
+        for path, result in self.transcriber.transcribe_many((p, p) for p in paths):
+            if isinstance(result, AudioError):  # its message starts with the path
+                raise result
+            if isinstance(result, BaseException):
+                raise ValueError(f"{path}: {result}") from result
+            out.append(Hypothesis(result["text"], result["metadata"]["duration"]))
+        return out
 
 
 class PocketSphinxEngine:
@@ -169,16 +139,17 @@ class PocketSphinxEngine:
         self.case = case
         self._decoder = Decoder(samprate=SAMPLE_RATE, logfn="/dev/null")
 
-    def transcribe(self, waveforms: list[np.ndarray]) -> list[str]:
-        texts = []
-        for w in waveforms:
+    def transcribe(self, paths: list[str]) -> list[Hypothesis]:
+        out = []
+        for path in paths:
+            w = load_audio(path)
             pcm = (np.clip(w, -1.0, 32767 / 32768) * 32768).astype(np.int16).tobytes()
             self._decoder.start_utt()
             self._decoder.process_raw(pcm, full_utt=True)
             self._decoder.end_utt()
             hyp = self._decoder.hyp()
-            texts.append(hyp.hypstr if hyp is not None else "")
-        return texts
+            out.append(Hypothesis(hyp.hypstr if hyp is not None else "", len(w) / SAMPLE_RATE))
+        return out
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -191,22 +162,29 @@ def read_utterances(inputs: str | Path | list) -> list[Utterance]:
     if missing:
         raise ValueError(f"{inputs}: {len(missing)} utterances have no transcript (a 'text' column), "
                          f"e.g. {missing[0]}")
-    return [Utterance(e.path, e.text) for e in entries]
+    return [Utterance(e.path, e.text, e.seconds) for e in entries]
 
 
 def evaluate(engine: Engine, utterances: list[Utterance], chunk: int = 256, progress=None) -> EvalResult:
-    """Transcribe and score ``utterances``; audio is decoded ``chunk`` utterances at a time.
+    """Transcribe and score ``utterances``, ``chunk`` utterances per call of the engine.
 
-    ``progress(done, total)`` is called after each chunk when given."""
+    Within a call the longest utterances go first (by the manifest's ``seconds`` where given),
+    so that a batch holds files of similar length. ``progress(done, total)`` is called after
+    each call when given. A file that cannot be transcribed stops the evaluation with an error
+    naming it: a WER without some utterances is not the manifest's WER."""
     hyps: list[str] = []
     audio_seconds = compute_seconds = 0.0
     for start in range(0, len(utterances), chunk):
         part = utterances[start : start + chunk]
-        waves = [load_audio(u.path) for u in part]
-        audio_seconds += sum(len(w) for w in waves) / SAMPLE_RATE
+        order = sorted(range(len(part)), key=lambda i: -(part[i].seconds or 0.0))
         t0 = time.perf_counter()
-        hyps.extend(engine.transcribe(waves))
+        out = engine.transcribe([part[i].path for i in order])
         compute_seconds += time.perf_counter() - t0
+        texts: list[str] = [""] * len(part)
+        for i, h in zip(order, out, strict=True):
+            texts[i] = h.text
+            audio_seconds += h.seconds
+        hyps.extend(texts)
         if progress is not None:
             progress(start + len(part), len(utterances))
     wer, cer, per = score([u.text for u in utterances], hyps, case=engine.case, paths=[u.path for u in utterances])

@@ -45,7 +45,8 @@ from .config import option, redefault
 from .data import Collate, Entry
 from .decoding import greedy_decode
 from .decoding.alignment import min_frames
-from .evaluate import W2v2Engine, error_rates
+from .emissions import utterance_logits
+from .evaluate import error_rates
 from .fileio import atomic_open
 from .losses import ctc_loss
 from .masking import compute_channel_mask, compute_mask_indices
@@ -298,12 +299,9 @@ class Validation:
 def validate(model: Wav2Vec2, waves: list[np.ndarray], texts: list[str], vocab: Vocabulary,
              case: str | None, batch_seconds: float = 200.0, device=None) -> Validation:
     """Greedy WER/CER (same normalisation as training) and CTC loss per target character."""
-    was_training = model.training
-    engine = W2v2Engine(model, batch_seconds=batch_seconds, device=device or model.device)
-    try:
-        logits = engine.logits(waves)  # eval mode, no masking
-    finally:
-        model.train(was_training)
+    if device is not None:
+        model.to(device)
+    logits = utterance_logits(model, waves, int(batch_seconds * SAMPLE_RATE))  # eval mode, no masking
     refs = [normalize_text(t, case=case) for t in texts]
     hyps = [normalize_text(greedy_decode(lg, vocab).text, case=case) for lg in logits]
     total, ntokens = 0.0, 0

@@ -1,17 +1,33 @@
-"""Numeric precision of a model's computation: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"auto"``.
+"""Where and in what precision a model computes: the device, and ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"auto"``.
 
 ``"auto"`` picks bfloat16 where the hardware multiplies it natively (CUDA GPUs with bf16
 support; x86 CPUs with AMX-BF16 or AVX512-BF16, unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below
-them) and float32 elsewhere. Parameters always stay
-float32 (state dicts and training are unaffected); in bfloat16 mode the model computes on
-bfloat16 copies of its weights, cached until the weights change. ``"int8"`` (dynamic int8 matrix
-products, the rest float32) runs through onnxruntime: :func:`w2v2.onnx.for_precision`.
+them) and float32 elsewhere. Parameters always stay float32 (state dicts and training are
+unaffected). ``"int8"`` (dynamic int8 matrix products, the rest float32) runs through
+onnxruntime: :func:`w2v2.onnx.for_precision`.
+
+bfloat16 reaches the model by two mechanisms, one per job:
+
+- Inference (``transcribe``, ``align``, ``evaluate``): :meth:`Wav2Vec2.set_precision`
+  (set for a run by :func:`precision_context`). The model computes on bfloat16 copies of its
+  weights, made once and cached until the weights change, and chooses itself which steps
+  accumulate in float32 (norms, softmax, logits). The weights are fixed, so the cast is paid
+  once instead of on every call, and the oneDNN kernels see one dtype throughout.
+- Training (``TrainConfig.precision``): ``torch.autocast`` around the loss function. The
+  trainer runs any ``nn.Module`` and loss it is given, not only a :class:`Wav2Vec2`, and
+  covers fp16 (with a GradScaler) by the same switch. Caching would buy nothing there: the
+  weights change at every update and the cast must be part of the autograd graph, so the
+  model's own bf16 path also casts on every call under autograd (``kernels.cached``). The
+  oneDNN kernels step aside under autocast (``kernels.onednn_ok``), leaving autocast's
+  per-operation rules (PyTorch's list of the operations kept in float32) in charge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -67,3 +83,41 @@ def resolve(name: str, device: torch.device | str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
     return DTYPES[name]
+
+
+def resolve_precision(device: torch.device | str, precision: str) -> str:
+    """The precision name a run uses on ``device``: ``auto`` -> ``"bf16"`` or ``"fp32"``
+    (as :func:`resolve` decides); ``fp32``, ``bf16`` and ``int8`` unchanged."""
+    if precision == "int8":  # a precision of onnxruntime models (w2v2.onnx), no torch dtype
+        return precision
+    return "bf16" if resolve(precision, device) == torch.bfloat16 else "fp32"
+
+
+@contextlib.contextmanager
+def precision_context(model, precision: str) -> Iterator[None]:
+    """The one place inference sets a model's precision (:meth:`Wav2Vec2.set_precision`, see the
+    module docstring), restored when the block ends."""
+    before = model.precision
+    model.set_precision(precision)
+    try:
+        yield
+    finally:
+        model.set_precision(before)
+
+
+def resolve_device(name: str | None, local_rank: int | None = None) -> torch.device:
+    """The device of ``name``: ``None``/``"auto"``: CUDA when available, else the CPU; ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` as given. ``local_rank`` (a distributed run's process on this machine)
+    turns a plain ``"cuda"`` into ``"cuda:<local_rank>"``. Asking for CUDA without a GPU is a
+    ``ValueError`` here, not a failure deep inside the first forward pass."""
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:1, ... or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        dev = torch.device("cuda", local_rank)
+    return dev

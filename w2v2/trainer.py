@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from .config import DEVICE_HELP, PROGRESS_HELP, option
 from .fileio import atomic_open
+from .precision import resolve_device
 from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, RunError, RunLock, checkpoint_dirs,  # noqa: F401
                    last_checkpoint, read_checkpoint, read_metrics, remove_stale_entries, rng_state,
                    seed_everything, set_aside, set_rng_state, write_checkpoint)
@@ -205,15 +206,6 @@ def dist_info() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
-    info = info or dist_info()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and info.world_size > 1:
-        name = f"cuda:{info.local_rank}"
-    return torch.device(name)
-
-
 def init_distributed(device: torch.device) -> DistInfo:
     """Start the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
     info = dist_info()
@@ -265,7 +257,8 @@ class Trainer:
         self.cfg = cfg
         # resolved once: every checkpoint path derives from it, so one checkpoint has one path
         self.run_dir = Path(run_dir).resolve()
-        self.device = resolve_device(cfg.device)
+        launch = dist_info()  # under torchrun, each process takes the GPU of its local rank
+        self.device = resolve_device(cfg.device, launch.local_rank if launch.world_size > 1 else None)
         self.info = init_distributed(self.device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU (GradScaler); on CPU use bf16 or fp32")

@@ -20,17 +20,10 @@ from dataclasses import dataclass
 
 from . import __version__
 from .decoding import BeamSearchDecoder, DecodedText, align_text, greedy_decode_path, segment_words
-from .emissions import (
-    AudioInput,
-    Emissions,
-    compute_emissions,
-    plan_chunks,
-    resolve_device,
-    resolve_precision,
-)
+from .emissions import AudioInput, Emissions, compute_emissions, plan_chunks
 from .model import Wav2Vec2
 from .onnx import for_precision
-from .precision import check_precision
+from .precision import check_precision, resolve_device, resolve_precision
 
 BEAM_WINDOW_SECONDS = 30.0  # beam search and its alignment run on windows of at most this
 
@@ -40,8 +33,10 @@ class TranscribeOptions:
     """How to run the model and decode; every field lands in the result's metadata.
 
     ``beam_width=None`` and no ``lm``: greedy decoding. An ``lm`` (ARPA or KenLM binary) or a
-    ``beam_width`` selects beam search (width 100 unless given). ``batch_size=None``: 1 on
-    CPU (peak memory: one 30 s chunk of BASE needs ~0.5 GB), 8 on a GPU. ``device=None``:
+    ``beam_width`` selects beam search (width 100 unless given). ``batch_size``: a forward
+    pass holds the padded samples of at most this many full chunks (that many chunks of long
+    audio, more short files); None: 1 on CPU (peak memory: one 30 s chunk of BASE needs ~0.5 GB),
+    8 on a GPU. ``device=None``:
     CUDA when available. ``precision``: ``auto`` (bf16 where the hardware multiplies it natively:
     CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; else fp32), ``fp32``, ``bf16`` or ``int8``
     (through onnxruntime: :func:`w2v2.onnx.for_precision`).
@@ -137,7 +132,7 @@ class Transcriber:
 
     def decode(self, em: Emissions) -> DecodedText:
         if self._beam is None:
-            return greedy_decode_path(em.path, em.best_log_prob, self.model.vocab, self.frame_seconds)
+            return greedy_decode_path(em.best_ids, em.best_log_prob, self.model.vocab, self.frame_seconds)
         if em.frames == 0:
             return DecodedText(text="")
         max_frames = round(BEAM_WINDOW_SECONDS / self.frame_seconds)

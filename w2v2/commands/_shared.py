@@ -20,7 +20,8 @@ from ._options import add_fields, add_shared, field_values
 # help of the flags built from TranscribeOptions fields (their defaults are the fields'; the keys are the fields
 # that flags set)
 FIELD_HELP = {
-    "batch_size": "chunks per forward pass, across files; None: 1 on CPU, 8 on GPU",
+    "batch_size": "a forward pass holds the padded samples of this many chunks, across files (more short files "
+                  "fit); None: 1 on CPU, 8 on GPU",
     "chunk_seconds": "long audio runs in chunks of this length",
     "stride_seconds": "context on each side of a chunk, dropped after the model",
     "lm": "n-gram language model for beam search (ARPA or KenLM binary; see: w2v2 lm)",
@@ -58,7 +59,7 @@ def load_cli_model(args: argparse.Namespace, **kwargs):
     when none is named, with a line on stderr saying what that model is and how accurate (its
     model card)."""
     from ..checkpoint import default_model_notice, load_model
-    from ..emissions import resolve_device
+    from ..precision import resolve_device
 
     model = load_model(args.model, device=resolve_device(args.device), **kwargs)
     notice = default_model_notice() if args.model is None else None

@@ -13,15 +13,12 @@ log = logging.getLogger("w2v2.evaluate")
 def add_arguments(p) -> None:
     import argparse
 
-    from ._options import add_shared
-    from ._shared import add_decoding_arguments
+    from ._shared import add_decoding_arguments, add_model_arguments
 
-    add_shared(p, "--model")
+    add_model_arguments(p)  # the transcriber's: evaluate scores what transcribe runs
     p.add_argument("--engine", choices=("w2v2", "pocketsphinx"), default="w2v2",
                    help="pocketsphinx: the CMU PocketSphinx US English baseline instead of --model")
     p.add_argument("--data", required=True, nargs="+", help="manifest(s) (path seconds speaker text)")
-    p.add_argument("--batch-seconds", type=float, default=200.0, help="padded audio per forward pass")
-    add_shared(p, "--device", "--precision")
     p.add_argument("--case", choices=("upper", "lower", "keep"), default=None,
                    help="case for scoring; None: the model vocabulary's (upper for pocketsphinx)")
     p.add_argument("--out", default=None,
@@ -38,19 +35,11 @@ def build_engine(args):
     case = {"keep": None}.get(args.case, args.case)
     if args.engine == "pocketsphinx":
         return PocketSphinxEngine(case=case or "upper")
-    from ..onnx import for_precision
-    from ._shared import load_cli_model
+    from ..transcribe import Transcriber
+    from ._shared import load_cli_model, transcribe_options
 
-    model = for_precision(load_cli_model(args), args.precision)  # int8: onnxruntime
-    model.set_precision(args.precision)
-    decoder = None
-    if args.lm or args.beam_width:
-        from ..decoding import BeamSearchDecoder
-
-        decoder = BeamSearchDecoder(model.vocab, args.lm, alpha=args.alpha, beta=args.beta,
-                                    beam_width=args.beam_width or 100)
-    engine = W2v2Engine(model, decoder, batch_seconds=args.batch_seconds, device=model.device,
-                        name=args.model or "default")
+    name = args.model or "default"
+    engine = W2v2Engine(Transcriber(load_cli_model(args), transcribe_options(args), model_name=name), name=name)
     if args.case is not None:
         engine.case = case
     return engine

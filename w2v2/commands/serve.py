@@ -16,8 +16,9 @@ SEGMENT_FIELDS = ("max_segment_chars", "max_segment_seconds", "pause_seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, help={"batch_size": "chunks per forward pass, across the requests of a batch; None: as "
-                                                    "many --chunk-seconds chunks as fit in --max-batch-seconds"})
+    add_model_arguments(parser, help={"batch_size": "a forward pass holds the padded samples of this many chunks, across the "
+                                                    "requests of a batch; None: as many --chunk-seconds chunks as fit in "
+                                                    "--max-batch-seconds"})
     add_decoding_arguments(parser)
     add_fields(parser.add_argument_group("segments (verbose_json, srt, vtt)"), TranscribeOptions, SEGMENT_FIELDS,
                help=FIELD_HELP)
