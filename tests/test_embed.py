@@ -15,7 +15,8 @@ from safetensors.numpy import load_file
 import w2v2
 from w2v2.cli import main
 from w2v2.config import tiny
-from w2v2.embed import Item, embed, frame_times, padded_length, resolve_inputs, resolve_layers
+from w2v2.data import padded_length
+from w2v2.embed import Item, embed, frame_times, resolve_inputs, resolve_layers
 
 LENGTHS = [16000, 7000, 400, 11111, 3210]  # samples at 16 kHz; 400 = exactly one frame
 
