@@ -13,6 +13,7 @@ from w2v2.checkpoint import DEFAULT_MODEL_DIR
 from w2v2.decoding import greedy_decode
 from w2v2.evaluate import W2v2Engine, evaluate, read_utterances, score
 from w2v2.text import normalize_text
+from w2v2.transcribe import TranscribeOptions, Transcriber
 
 from .helpers import hidden_error_bound, logit_error_bound, stable_frames, within
 
@@ -80,8 +81,7 @@ def test_bf16_cer_within_promise_on_the_held_out_set(model, utterances):
     engine as ``w2v2 evaluate``."""
     results = {}
     for precision in ("fp32", "bf16"):
-        model.set_precision(precision)
-        results[precision] = evaluate(W2v2Engine(model), utterances)
-    model.set_precision("fp32")
+        transcriber = Transcriber(model, TranscribeOptions(device="cpu", precision=precision))
+        results[precision] = evaluate(W2v2Engine(transcriber), utterances)
     delta = 100 * abs(results["bf16"].cer - results["fp32"].cer)
     assert delta <= CER_POINTS, f"bf16 CER {100 * results['bf16'].cer:.2f} vs fp32 {100 * results['fp32'].cer:.2f}"
