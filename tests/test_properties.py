@@ -255,7 +255,7 @@ OPTIONS = {  # flag -> values to draw from, valid and not
                    "--skip-existing": None, "--device": ["cpu", "tpu"]},
     "align": {"--chunk-seconds": SECONDS, "--stride-seconds": SECONDS, "--batch-size": COUNTS,
               "--format": ["json", "srt", "all"], "--max-segment-seconds": SECONDS},
-    "evaluate": {"--batch-seconds": SECONDS, "--limit": COUNTS, "--beam": COUNTS, "--precision": ["fp32", "x"],
+    "evaluate": {"--chunk-seconds": SECONDS, "--batch-size": COUNTS, "--limit": COUNTS, "--beam": COUNTS, "--precision": ["fp32", "x"],
                  "--case": ["upper", "lower", "keep", "title"], "--device": ["cpu", "tpu"]},
     "embed": {"--layer": ["all", "0", "-1", "1,2", "99", "x", ""], "--pool": ["mean", "none", "max"],
               "--batch-size": COUNTS, "--format": ["safetensors", "npy", "x"], "--device": ["cpu", "tpu"]},

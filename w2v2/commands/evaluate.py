@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -38,8 +37,8 @@ def build_engine(args):
     from ..transcribe import Transcriber
     from ._shared import load_cli_model, transcribe_options
 
-    name = args.model or "default"
-    engine = W2v2Engine(Transcriber(load_cli_model(args), transcribe_options(args), model_name=name), name=name)
+    options, name = transcribe_options(args), args.model or "default"  # bad options fail before the model loads
+    engine = W2v2Engine(Transcriber(load_cli_model(args), options, model_name=name), name=name)
     if args.case is not None:
         engine.case = case
     return engine
@@ -83,8 +82,6 @@ def run(args) -> int:
         from ._shared import check_output_target
 
         check_output_target(args.out, folder=len(args.data) > 1, option="--out")
-    if not (math.isfinite(args.batch_seconds) and args.batch_seconds > 0):
-        raise ValueError(f"--batch-seconds must be a positive number, got {args.batch_seconds}")
     inputs = read_inputs(args)
     engine = build_engine(args)
     rows = []
