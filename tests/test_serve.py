@@ -217,18 +217,18 @@ class SlowTranscriber:
                 yield key, {"text": path}
 
 
-def test_batcher_gathers_requests_into_one_call():
+def test_batcher_gathers_requests_into_one_call_in_length_order():
     from w2v2.serve import Batcher
 
     t = SlowTranscriber(delay=0.01)
     b = Batcher(t, max_queue=10, max_batch_seconds=100, batch_wait=0.2)
-    jobs = [b.submit(name, 10.0) for name in ("a", "bad", "c")]
+    jobs = [b.submit(name, seconds) for name, seconds in (("a", 30.0), ("bad", 5.0), ("c", 12.0))]
     b.start()
     assert jobs[0].future.result(10) == {"text": "a"} and jobs[2].future.result(10) == {"text": "c"}
     with pytest.raises(ValueError, match="not audio"):
         jobs[1].future.result(10)
     b.stop(10)
-    assert t.calls == [["a", "bad", "c"]]
+    assert t.calls == [["bad", "c", "a"]]  # shortest first: neighbours share padded passes
 
 
 def test_batcher_bounds_batches_queue_and_skips_cancelled():

@@ -103,6 +103,10 @@ class Batcher:
             total += job.seconds
 
     def _run(self, batch: list[Job]) -> None:
+        # Neighbours share padded forward passes: in length order, a short request is not padded
+        # to a long one's width (each answer goes to its own future, so the order is free).
+        batch = sorted(batch, key=lambda job: job.seconds)
+
         def sources():
             # Read lazily: a job cancelled while earlier ones run is skipped when its turn comes.
             for job in batch:
