@@ -332,9 +332,8 @@ def release_free_memory() -> None:
     """Give the pages of freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
     glibc raises its mmap threshold after each large free, so a chunk's activations of a few
-    MB soon come from the heap, whose fragments grow from chunk to chunk: without this, the
-    peak RSS of BASE on CPU crept from 1.13 to 1.47 GB over 15 chunks (5 minutes of audio);
-    with it, it stays at 1.15 GB. The call costs a few milliseconds per batch.
+    MB soon come from the heap, whose fragments grow from chunk to chunk: without this, peak
+    memory creeps up with the length of the file (docs/performance.md has the measurement).
     """
     trim = _malloc_trim()
     if trim is not None:
