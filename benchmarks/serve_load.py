@@ -117,7 +117,8 @@ def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Even
 
 def run_phase(args, inputs, clients: int, seconds: float) -> dict:
     env = {"OMP_NUM_THREADS": str(args.threads)}
-    server_args = ["--max-queue", str(max(16, 2 * clients))] + (["--model", args.model] if args.model else [])
+    server_args = ["--max-queue", str(max(16, 2 * clients)), *args.server_args.split()]
+    server_args += ["--model", args.model] if args.model else []
     server = ServerProcess(*server_args, env=env)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-requests", type=int, default=5000, help="bound on the requests of each phase")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
     p.add_argument("--model", default=None, help="served model (default: the embedded one)")
+    p.add_argument("--server-args", default="", help="more flags for w2v2 serve, e.g. '--batch-size 1'")
     p.add_argument("--quick", action="store_true", help="2 clients, 10 s per phase")
     args = p.parse_args(argv)
     if args.quick:

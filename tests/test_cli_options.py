@@ -27,7 +27,7 @@ DIFFERENT = {
     "--case": [{"finetune"}, {"evaluate"}, {"lm"}],  # transcripts / scoring (None: the model's) / LM words
     "--seed": [{"pretrain", "finetune"}, {"probe"}],  # training / the probe's split and folds
     "--precision": [{"transcribe", "align", "evaluate", "serve"}, {"pretrain", "finetune"}],  # inference / training
-    "--batch-size": [{"transcribe", "align", "evaluate"}, {"embed", "probe"}, {"serve"}],  # chunks across files / files / requests
+    "--batch-size": [{"transcribe", "align", "evaluate", "serve"}, {"embed", "probe"}],  # chunks across files / files
     "--format": [{"transcribe"}, {"align"}, {"embed"}],  # writers (txt / json by default) / tensor files
     "-f": [{"transcribe"}, {"align"}],
     "--output-dir": [{"transcribe", "align"}, {"embed"}],  # outputs per input / one file per input, required

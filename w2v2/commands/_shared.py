@@ -34,12 +34,11 @@ FIELD_HELP = {
 }
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, help: dict[str, str] | None = None) -> None:
-    """--model, --device, --precision and the chunking flags; ``help`` replaces FIELD_HELP's text
-    where a command gives a field another meaning (the server batches across requests)."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --device, --precision and the chunking flags."""
     g = parser.add_argument_group("model and inference")
     add_shared(g, "--model", "--device", "--precision")
-    add_fields(g, TranscribeOptions, ("batch_size", "chunk_seconds", "stride_seconds"), help={**FIELD_HELP, **(help or {})})
+    add_fields(g, TranscribeOptions, ("batch_size", "chunk_seconds", "stride_seconds"), help=FIELD_HELP)
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:

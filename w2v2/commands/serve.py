@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -16,9 +15,7 @@ SEGMENT_FIELDS = ("max_segment_chars", "max_segment_seconds", "pause_seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, help={"batch_size": "a forward pass holds the padded samples of this many chunks, across the "
-                                                    "requests of a batch; None: as many --chunk-seconds chunks as fit in "
-                                                    "--max-batch-seconds"})
+    add_model_arguments(parser)  # --batch-size as everywhere: padded batches cost more than they save on CPUs
     add_decoding_arguments(parser)
     add_fields(parser.add_argument_group("segments (verbose_json, srt, vtt)"), TranscribeOptions, SEGMENT_FIELDS,
                help=FIELD_HELP)
@@ -51,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-upload-mb, --max-queue and --max-batch-seconds must be positive, "
                          "--batch-wait-ms non-negative")
     options = transcribe_options(args)
-    if options.batch_size is None:  # the server's own default: a batch of requests fills one forward pass
-        options = dataclasses.replace(options, batch_size=max(1, int(args.max_batch_seconds // args.chunk_seconds)))
     model = load_cli_model(args)
     model_id = args.model_id or (os.path.basename(os.path.normpath(args.model)) if args.model else "w2v2-default")
     transcriber = Transcriber(model, options, model_name=args.model or "default")
