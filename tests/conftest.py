@@ -68,6 +68,13 @@ def longest_clip(folder: str) -> tuple[Path, dict]:
     return DATA / folder / row["path"], row
 
 
+def first_clips(folder: str, n: int) -> list[Path]:
+    """The paths of the first ``n`` utterances of a data folder's manifest."""
+    if not (DATA / folder / "manifest.tsv").exists():
+        pytest.skip(f"real speech not found at {DATA / folder}")
+    return [DATA / folder / r["path"] for r in read_manifest(DATA / folder)[:n]]
+
+
 def tiny_ctc_model(vocab_texts, seed: int = 0, **config):
     """A randomly initialised tiny CTC model over the characters of ``vocab_texts``.
 

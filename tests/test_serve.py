@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import read_manifest
+from .conftest import first_clips
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -47,9 +47,8 @@ class Server(ServerProcess):
 
 
 @pytest.fixture(scope="module")
-def clips(data_dir):
-    rows = read_manifest(data_dir / "ljspeech-amateur")[:6]
-    return [data_dir / "ljspeech-amateur" / r["path"] for r in rows]
+def clips():
+    return first_clips("ljspeech-amateur", 6)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from tests.conftest import longest_clip, read_manifest
+from tests.conftest import first_clips, longest_clip, read_manifest
 from tests.test_writers import check_cues, parse_cues
 from w2v2.audio import SAMPLE_RATE, ffmpeg_exe, load_audio
 from w2v2.checkpoint import load_model
@@ -40,9 +40,8 @@ def long_clip():
 
 
 @pytest.fixture(scope="module")
-def short_clips(data_dir):
-    rows = read_manifest(data_dir / "speechocean762-train")[:2]
-    return [data_dir / "speechocean762-train" / r["path"] for r in rows]
+def short_clips():
+    return first_clips("speechocean762-train", 2)
 
 
 @pytest.fixture(scope="module")
