@@ -68,7 +68,7 @@ def tone(seconds: float, sr: int = SR, channels: int = 1, amp: float = 0.3) -> n
 
 
 def ffmpeg(*args: str) -> None:
-    from w2v2.audio import ffmpeg_exe
+    from .helpers import ffmpeg_exe
 
     subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *args], check=True)
 

@@ -38,6 +38,14 @@ import soundfile as sf
 import torch
 
 
+def ffmpeg_exe() -> str:
+    """Path of an ffmpeg binary for making test media (the one bundled with ``imageio-ffmpeg``, a
+    test dependency: w2v2 itself decodes through PyAV)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
 def write_clips(folder: Path, seconds: list[float], sr: int = 16000, seed: int = 0,
                 manifest: bool = True) -> list[Path]:
     """Harmonic tones with noise, one file per duration; a manifest.tsv beside them when asked."""

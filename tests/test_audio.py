@@ -2,7 +2,6 @@
 
 import io
 import os
-import subprocess
 import sys
 import types
 import zlib
@@ -20,7 +19,6 @@ from w2v2.audio import (
     AudioError,
     audio_duration,
     download_url,
-    ffmpeg_exe,
     is_url,
     list_audio_files,
     load_audio,
@@ -29,6 +27,7 @@ from w2v2.audio import (
     to_mono,
 )
 
+from tests.badcorpus import ffmpeg
 from tests.conftest import DATA, read_manifest
 
 RATES = [8000, 11025, 16000, 22050, 44100, 48000]
@@ -58,10 +57,6 @@ def speech_wav(tmp_path_factory, opus_file):
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
     sf.write(path, load_audio(opus_file[0]), SAMPLE_RATE, subtype="PCM_16")
     return path
-
-
-def ffmpeg(*args: str) -> None:
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *args], check=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ import soundfile as sf
 import torch
 
 from tests.conftest import first_clips, longest_clip, read_manifest
+from tests.helpers import ffmpeg_exe
 from tests.test_writers import check_cues, parse_cues
-from w2v2.audio import SAMPLE_RATE, ffmpeg_exe, load_audio
+from w2v2.audio import SAMPLE_RATE, load_audio
 from w2v2.checkpoint import load_model
 from w2v2.cli import main
 from w2v2.precision import fast_bf16

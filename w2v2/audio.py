@@ -98,13 +98,6 @@ def list_audio_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def ffmpeg_exe() -> str:
-    """Path of an ffmpeg binary (the one bundled with ``imageio-ffmpeg``)."""
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
 def _path_kind(path: str) -> str:
     """``"file"`` for a regular file, ``"stream"`` for a named pipe or character device (read once,
     as it arrives); raises :class:`AudioError` with the true reason for anything else."""

@@ -461,6 +461,3 @@ def make_loader_factory(dataset: Dataset, sampler: BucketBatchSampler, collate: 
 
     return factory
 
-
-def total_seconds(entries: Sequence[Entry]) -> float:
-    return math.fsum(e.seconds or 0.0 for e in entries)
