@@ -279,7 +279,7 @@ async def _transcribe(request: Request, batcher: Batcher, path: str, settings: S
             return None
     try:
         return waiting.result()
-    except (AudioError, ValueError) as e:
+    except ValueError as e:  # AudioError and the transcriber's other input errors
         raise APIError(400, str(e).replace(path, name), param="file", code="invalid_audio") from None
 
 
