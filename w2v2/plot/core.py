@@ -139,6 +139,15 @@ def subplots(*grid, figsize: tuple[float, float], layout: str | None = None, **k
     return fig, fig.subplots(*grid, **kw)
 
 
+def lr_twin(ax, ctx: PlotContext, lw: float) -> None:
+    """The learning rate on a second y axis of ``ax``, when the run logs it."""
+    lr = ctx.series("lr")
+    if lr is not None:
+        twin = ax.twinx()
+        twin.plot(*lr, color="tab:purple", lw=lw)
+        twin.set_ylabel("learning rate", color="tab:purple")
+
+
 def curve(ax, ctx: PlotContext, key: str, label: str | None = None, color=None) -> bool:
     """Draw ``key``'s series smoothed, the raw values faint behind it; False when the run has none."""
     s = ctx.series(key)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import PlotContext, curve, register, subplots
+from .core import PlotContext, curve, lr_twin, register, subplots
 
 
 def _finetune_config(ctx: PlotContext) -> dict | None:
@@ -47,11 +47,7 @@ def plot_wer(ctx: PlotContext):
     bx.plot(vx, [r["valid_loss"] for r in valid if r.get("valid_loss") is not None], marker="o", ms=3,
             color="tab:green", label="valid CTC loss per character")
     bx.set(title="CTC loss and learning rate", xlabel="update", yscale="log")
-    lr = ctx.series("lr")
-    if lr is not None:
-        twin = bx.twinx()
-        twin.plot(*lr, color="tab:purple", lw=1.0)
-        twin.set_ylabel("learning rate", color="tab:purple")
+    lr_twin(bx, ctx, lw=1.0)
     freeze = cfg.get("freeze_updates", 0)
     for a in (ax, bx):
         if freeze:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .core import PlotContext, curve, register, subplots
+from .core import PlotContext, curve, lr_twin, register, subplots
 
 
 def _num_negatives(ctx: PlotContext) -> int | None:
@@ -45,11 +45,7 @@ def plot_losses(ctx: PlotContext):
     ax = axes[1, 1]
     curve(ax, ctx, "grad_norm", "gradient norm", color="tab:red")
     ax.set(title="learning rate and gradient norm", xlabel="update", ylabel="gradient norm", yscale="log")
-    lr = ctx.series("lr")
-    if lr is not None:
-        twin = ax.twinx()
-        twin.plot(*lr, color="tab:purple", lw=1.2)
-        twin.set_ylabel("learning rate", color="tab:purple")
+    lr_twin(ax, ctx, lw=1.2)
     fig.tight_layout()
     return fig
 
