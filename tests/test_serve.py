@@ -46,6 +46,12 @@ class Server(ServerProcess):
         return [p for p in self.tmp.rglob("*") if p.is_file()]
 
 
+def laid_end_to_end(clips: list[Path], times: int, path: Path) -> Path:
+    """A long recording: the clips one after another, ``times`` over (keeps the model busy)."""
+    sf.write(path, np.concatenate([sf.read(c, dtype="float32")[0] for c in clips] * times), 16000)
+    return path
+
+
 @pytest.fixture(scope="module")
 def clips():
     return first_clips("ljspeech-amateur", 6)
@@ -142,8 +148,7 @@ def test_upload_name_is_never_a_path(server, tmp_path):
 
 
 def test_queue_limit_answers_429_with_retry_after(tmp_path, clips):
-    long = tmp_path / "long.wav"
-    sf.write(long, np.concatenate([sf.read(c, dtype="float32")[0] for c in clips] * 8), 16000)
+    long = laid_end_to_end(clips, 8, tmp_path / "long.wav")
     s = Server(tmp_path / "srv", "--max-queue", "1", "--max-batch-seconds", "30")
     try:
         def send(_):
@@ -162,8 +167,7 @@ def test_queue_limit_answers_429_with_retry_after(tmp_path, clips):
 
 
 def test_a_disconnected_client_frees_its_work_and_sigterm_drains(tmp_path, clips):
-    long = tmp_path / "long.wav"
-    sf.write(long, np.concatenate([sf.read(c, dtype="float32")[0] for c in clips] * 10), 16000)
+    long = laid_end_to_end(clips, 10, tmp_path / "long.wav")
     s = Server(tmp_path / "srv", "--max-batch-seconds", "30", "--batch-wait-ms", "0")
     try:
         def send():
