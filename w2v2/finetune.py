@@ -53,7 +53,8 @@ from .masking import compute_channel_mask, compute_mask_indices
 from .model import Wav2Vec2, build_model
 from .runs import temporary_dir
 from .text import normalize_text
-from .trainer import TrainConfig, Trainer, dist_info
+from .distributed import dist_info
+from .trainer import TrainConfig, Trainer
 from .vocab import Vocabulary
 
 log = logging.getLogger(__name__)

@@ -280,7 +280,8 @@ def build_trainer(entries, run_dir: str | os.PathLike, cfg: RunConfig, model: Wa
     """Model (fresh from ``cfg.model`` unless given), bucketed cropping loader and trainer for a run."""
     from .data import AudioDataset, BucketBatchSampler, Collate, make_loader_factory
     from .model import build_model
-    from .trainer import Trainer, dist_info
+    from .distributed import dist_info
+    from .trainer import Trainer
 
     if not entries:
         raise ValueError("no usable audio to pretrain on (every file was missing, unreadable or too short)")

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import DEVICE_HELP, PROGRESS_HELP, option
+from .distributed import dist_info, init_distributed
 from .fileio import atomic_open
 from .precision import resolve_device
 from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, RunError, RunLock, checkpoint_dirs,  # noqa: F401
@@ -182,38 +183,6 @@ def _tri_stage(step: int, cfg: TrainConfig) -> float:
     if step < decay:
         return cfg.lr * math.exp(math.log(cfg.final_lr_scale) * step / decay)
     return cfg.lr * cfg.final_lr_scale
-
-
-# ---------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Start the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
-    info = dist_info()
-    if info.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist_info()
 
 
 # ---------------------------------------------------------------------------- the trainer

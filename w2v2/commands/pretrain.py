@@ -81,7 +81,8 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..data import list_entries, validate_entries
     from ..pretrain import build_trainer
-    from ..trainer import checkpoint_dirs, dist_info
+    from ..distributed import dist_info
+    from ..trainer import checkpoint_dirs
 
     run_dir = Path(args.out)
     problems, cfg, entries = [], None, []

@@ -1,0 +1,42 @@
+"""Processes launched by torchrun: who this process is, and the process group.
+
+torchrun (PyTorch's own launcher, one machine or many) sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; every job reads them through :func:`dist_info`, so training, inference sharding
+and the commands agree on who is rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Start the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    info = dist_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist_info()
