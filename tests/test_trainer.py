@@ -280,26 +280,117 @@ def test_accumulated_micro_batches_equal_one_batch(tmp_path):
         assert torch.allclose(whole[name], parts[name], atol=1e-6, rtol=1e-5), name
 
 
-def _ddp_worker(rank, world, rendezvous, entries, run_dir, out):
+# The same per-frame terms summed in another grouping (per rank, then across ranks) differ by a few
+# fp32 rounding errors of the larger partial sums: atol 1e-5 on gradients of order 1e-2..1, rtol 1e-4.
+GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
+# Adam's first update is lr * g / (|g| + eps): an error in g moves the weights by at most lr / eps
+# times as much. This test's eps (1e-2, not 1e-6) keeps that factor small (0.05 at the first lr).
+ONE_STEP = dict(eps=1e-2, weight_decay=0.0)
+
+
+def _weight_tolerance(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on two first updates' difference from GRAD_TOL, plus weight rounding."""
+    cfg = config(**ONE_STEP)
+    return (get_lr(0, cfg) / cfg.eps * (GRAD_TOL["atol"] + GRAD_TOL["rtol"] * grad.abs())
+            + 4 * torch.finfo(torch.float32).eps * weight.abs())
+
+
+def projection_loss(model, batch):
+    """A deterministic loss whose gradient reaches every weight: the context projected on a fixed
+    direction, summed over valid frames (the mean square of a layer-normed output reaches only the
+    last norm's weights)."""
+    out = model(batch["waveforms"], batch["lengths"])
+    hidden = out.last_hidden_state.float()
+    direction = torch.randn(hidden.shape[-1], generator=torch.Generator().manual_seed(0))
+    valid = lengths_to_mask(out.lengths, hidden.shape[1])
+    loss = ((hidden @ direction) * valid).sum()
+    return loss, int(valid.sum()), {}
+
+
+def _one_update(trainer, batch):
+    trainer.make_loader = lambda epoch, skip: [batch]
+    trainer.optimizer.zero_grad(set_to_none=True)  # _grads left its gradients there
+    trainer.train_step()
+
+
+def _sharding_worker(rank, world, rendezvous, entries, tmp_path):
+    """DDP, then FSDP, in the same two processes: gradients and one update of this rank's half,
+    a checkpoint each; then an FSDP trainer resumes the single-process checkpoint and saves it again."""
+    from torch.distributed.tensor import DTensor
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     # a file rendezvous: a TCP port picked free can be taken before the ranks bind it
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    trainer = Trainer(model(hidden_dropout=0.0), frame_loss, None, config(find_unused_parameters=True), run_dir)
     # unequal halves: 1 and 3 utterances of different lengths, so the sample sizes differ per rank
-    grads = _grads(trainer, [_batch(entries, [0] if rank == 0 else [1, 2, 3])])
-    torch.save(grads, f"{out}.{rank}")
+    batch = _batch(entries, [0] if rank == 0 else [1, 2, 3])
+    for mode in ("ddp", "fsdp"):
+        trainer = Trainer(model(hidden_dropout=0.0), projection_loss, None,
+                          config(find_unused_parameters=True, fsdp=mode == "fsdp", **ONE_STEP), tmp_path / mode)
+        grads = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in _grads(trainer, [batch]).items()}
+        assert trainer.sharded == (mode == "fsdp")
+        if trainer.sharded:  # really sharded: each rank holds about half of every large parameter
+            w = trainer.model.encoder.layers[0].feed_forward.intermediate_dense.weight
+            assert isinstance(w, DTensor) and w.to_local().shape[0] == w.shape[0] // world
+        torch.save(grads, tmp_path / f"{mode}.grads.{rank}")
+        _one_update(trainer, batch)
+        trainer.save_checkpoint()
+        trainer._lock.release()
+    trainer = Trainer(model(seed=7), projection_loss, None, config(fsdp=True, **ONE_STEP), tmp_path / "fsdp_resumed")
+    trainer.load_checkpoint(tmp_path / "one" / "checkpoint_0000001")
+    trainer.save_checkpoint()
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+def _checkpoint(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors"), torch.load(path / STATE_FILE, weights_only=True)
+
+
+def _assert_close_state(a, b, **tol):
+    """Two trainer states: the same keys, and equal (torch.equal without ``tol``) tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_close_state(a[key], b[key], **tol)
+        elif isinstance(a[key], torch.Tensor):
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+            assert torch.allclose(a[key], b[key], **tol) if tol else torch.equal(a[key], b[key]), key
+
+
+def test_ddp_and_fsdp_gradients_updates_and_checkpoints_equal_single_process(tmp_path):
+    """2 gloo processes on the CPU, each half of a batch: under DDP and FSDP2 (--fsdp) the gradients
+    and the first update equal one process's on the whole batch (within fp32 summation-order
+    tolerances), the checkpoints are the same files with the same keys, shapes and values, and an
+    FSDP trainer resumes a single-process checkpoint exactly (saving it back bit-identical)."""
     entries = clips(tmp_path, 4)
-    out = str(tmp_path / "grads")
-    mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", entries, tmp_path / "ddp", out), nprocs=2, join=True)
-    single = Trainer(model(hidden_dropout=0.0), frame_loss, None, config(), tmp_path / "one")
-    expected = _grads(single, [_batch(entries, [0, 1, 2, 3])])
-    for rank in range(2):
-        got = torch.load(f"{out}.{rank}", weights_only=True)
-        assert set(got) == set(expected)
-        for name in expected:
-            assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), (rank, name)
+    single = Trainer(model(hidden_dropout=0.0), projection_loss, None, config(**ONE_STEP), tmp_path / "one")
+    whole = _batch(entries, [0, 1, 2, 3])
+    expected = _grads(single, [whole])
+    before = {k: v.clone() for k, v in single.model.named_parameters()}
+    _one_update(single, whole)
+    after = dict(single.model.named_parameters())
+    moved = [k for k in expected if ((after[k] - before[k]).abs() > 10 * _weight_tolerance(expected[k], before[k])).any()]
+    assert len(moved) > len(expected) // 2, "the update moved few weights: the comparisons below would prove little"
+    single.save_checkpoint()
+    mp.spawn(_sharding_worker, args=(2, tmp_path / "rendezvous", entries, tmp_path), nprocs=2, join=True)
+    for mode in ("ddp", "fsdp"):
+        for rank in range(2):
+            got = torch.load(tmp_path / f"{mode}.grads.{rank}", weights_only=True)
+            assert set(got) == set(expected)
+            for name in expected:
+                assert torch.allclose(got[name], expected[name], **GRAD_TOL), (mode, rank, name)
+    ref_weights, ref_state = _checkpoint(tmp_path / "one" / "checkpoint_0000001")
+    for mode in ("ddp", "fsdp"):
+        weights, state = _checkpoint(tmp_path / mode / "checkpoint_0000001")
+        assert weights.keys() == ref_weights.keys()
+        loaded = dict(w2v2.load_model(tmp_path / mode / "checkpoint_0000001").named_parameters())  # a model dir
+        for k in expected:
+            assert ((loaded[k] - after[k]).abs() <= _weight_tolerance(expected[k], after[k])).all(), (mode, k)
+        _assert_close_state(state["optimizer"]["state"], ref_state["optimizer"]["state"], **GRAD_TOL)
+        assert state["optimizer"]["param_groups"] == ref_state["optimizer"]["param_groups"]
+        assert len(state["rank_rng"]) == 2 and state["world_size"] == 2
+    resumed_weights, resumed_state = _checkpoint(tmp_path / "fsdp_resumed" / "checkpoint_0000001")
+    _assert_close_state(resumed_weights, ref_weights)
+    _assert_close_state(resumed_state["optimizer"], ref_state["optimizer"])

@@ -77,10 +77,12 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     return model.to(device).eval()
 
 
-def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike, weights: bool = True) -> Path:
+def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike, weights: bool = True,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write Hugging Face layout: ``Wav2Vec2ForCTC`` when the model has a CTC head, else
     ``Wav2Vec2ForPreTraining`` (with quantizer) or ``Wav2Vec2Model``. Every file is written atomically.
-    ``weights=False`` writes all but the weights (an ONNX export carries them in its graph)."""
+    ``weights=False`` writes all but the weights (an ONNX export carries them in its graph);
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -90,7 +92,7 @@ def save_pretrained(model: Wav2Vec2, directory: str | os.PathLike, weights: bool
         arch = "Wav2Vec2ForPreTraining"
     else:
         arch = "Wav2Vec2Model"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     if arch == "Wav2Vec2ForCTC":  # the quantizer is dropped from fine-tuned models
         state = {k: v for k, v in state.items() if not k.startswith(("quantizer.", "project_hid.", "project_q."))}
     # Wav2Vec2Model's own keys carry no prefix; the heads' models nest it under "wav2vec2."

@@ -515,7 +515,8 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
     if cfg.freeze_updates > 0 or model.config.layerdrop > 0:
         train_cfg = train_cfg.replace(find_unused_parameters=True)  # DDP: some parameters get no gradient
     validator = Validator(valid_entries, vocab, cfg, run_dir, train_cfg.max_updates)
-    trainer = Trainer(model, CTCFinetuneLoss(model, vocab, cfg), loader, train_cfg, run_dir, hooks=[validator])
+    trainer = Trainer(model, CTCFinetuneLoss(model, vocab, cfg), loader, train_cfg, run_dir, hooks=[validator],
+                      batch_samples=cfg.max_tokens)
     if info.is_main:
         vocab.save(run_dir / "vocab.json")
         with atomic_open(run_dir / "finetune_config.json") as f:

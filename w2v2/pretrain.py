@@ -299,7 +299,8 @@ def build_trainer(entries, run_dir: str | os.PathLike, cfg: RunConfig, model: Wa
     train_cfg = cfg.train
     if info.world_size > 1 and cfg.model.layerdrop > 0:
         train_cfg = train_cfg.replace(find_unused_parameters=True)
-    trainer = Trainer(model, PretrainingLoss(cfg.loss), loader, train_cfg, run_dir, hooks=hooks)
+    trainer = Trainer(model, PretrainingLoss(cfg.loss), loader, train_cfg, run_dir, hooks=hooks,
+                      batch_samples=cfg.data.max_tokens)
     if trainer.info.is_main:
         from .fileio import atomic_write_text
         atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")

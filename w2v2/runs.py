@@ -113,16 +113,17 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def save_model_weights(model: nn.Module, directory: Path) -> None:
-    """A :class:`Wav2Vec2` via ``save_pretrained`` (Hugging Face layout); other modules as safetensors."""
+def save_model_weights(model: nn.Module, directory: Path, weights: dict[str, Tensor] | None = None) -> None:
+    """A :class:`Wav2Vec2` via ``save_pretrained`` (Hugging Face layout); other modules as safetensors.
+    ``weights``: the model's state dict when the model does not hold it whole (sharded)."""
     from .checkpoint import save_pretrained
     from .model import Wav2Vec2
 
     if isinstance(model, Wav2Vec2):
-        save_pretrained(model, directory)
+        save_pretrained(model, directory, state_dict=weights)
     else:
         from safetensors.torch import save_file
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in (weights or model.state_dict()).items()},
                   str(directory / "model.safetensors"))
 
 
@@ -138,12 +139,13 @@ def read_model_weights(model: nn.Module, directory: Path) -> dict[str, Tensor]:
 
 
 def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Callable[[], dict], keep_last: int = 0,
-                     resumed_from: Path | None = None) -> Path:
+                     resumed_from: Path | None = None, weights: dict[str, Tensor] | None = None) -> Path:
     """Write ``run_dir/checkpoint_<step>`` atomically (temp dir, checksums, fsync, rename): the
     model and ``state()`` (the trainer state, asked for after the weights are written) as
     ``trainer_state.pt``. Then repoint ``checkpoint_last`` and drop the oldest checkpoints beyond
     ``keep_last`` (0 keeps all). ``resumed_from``: the checkpoint the run resumed from; if it is
-    this step's, nothing happened since and it is only repointed. A failed write (disk full)
+    this step's, nothing happened since and it is only repointed. ``weights``: the model's state
+    dict when the model holds only a shard of it (FSDP), gathered whole. A failed write (disk full)
     raises :class:`RunError` naming the checkpoint; the earlier checkpoints stay as they were."""
     final = run_dir / checkpoint_name(step)
     if resumed_from is not None and final.resolve() == resumed_from.resolve():  # nothing happened since
@@ -152,7 +154,7 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: Callable
     try:
         tmp = temporary_dir(final)
         try:
-            save_model_weights(model, tmp)
+            save_model_weights(model, tmp, weights)
             _save_state(state(), tmp / STATE_FILE)
             write_checksums(tmp)
             _fsync_tree(tmp)

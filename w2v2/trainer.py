@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 # Options that say how a run is watched, saved or bounded in this invocation: changed on resume,
 # training still follows the course it would have followed uninterrupted.
 _BOOKKEEPING = frozenset({"max_epochs", "max_minutes", "log_interval", "save_interval", "keep_last", "device",
-                          "progress", "tensorboard", "find_unused_parameters", "max_consecutive_skips", "sample_rate"})
+                          "progress", "tensorboard", "find_unused_parameters", "max_consecutive_skips", "sample_rate",
+                          "fsdp"})
 
 LossFn = Callable[[nn.Module, object], tuple[Tensor, "int | float | Tensor", dict]]
 LoaderFactory = Callable[[int, int], Iterable]
@@ -109,6 +110,9 @@ class TrainConfig:
     tensorboard: bool = option(False, "also write TensorBoard logs")
     find_unused_parameters: bool = option(False, "DistributedDataParallel: let some parameters get no gradient "
                                                  "(layerdrop, freezing)")
+    fsdp: bool = option(False, "with several processes, shard parameters, gradients and optimizer state across them "
+                               "(FSDP2 fully_shard) instead of a full copy on each (DDP): for models that do not "
+                               "fit one GPU; checkpoints are the same files either way")
     max_consecutive_skips: int = option(50, "stop with an error after this many updates in a row with non-finite "
                                             "values")
 
@@ -124,6 +128,8 @@ class TrainConfig:
             problems.append("schedule_clock time needs max_minutes (the time the schedule runs over)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.fsdp and self.precision == "fp16":  # GradScaler is not made for sharded gradients
+            problems.append("fsdp needs precision fp32 or bf16, not fp16")
         if self.accum_steps < 1 or self.max_updates < 0:
             problems.append("accum_steps must be >= 1 and max_updates >= 0")
         if self.save_interval < 1 or self.log_interval < 1:
@@ -185,6 +191,15 @@ def _tri_stage(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * cfg.final_lr_scale
 
 
+def effective_batch(batch_samples: int, accum_steps: int, world_size: int, sample_rate: int = 16000) -> str:
+    """The line the trainer starts with: the most audio one update can see, ``batch_samples``
+    (max_tokens) x ``accum_steps`` x ``world_size``. An upper bound: it counts padding, and
+    batches are rarely full (the figure measured at the first update follows)."""
+    samples = batch_samples * accum_steps * world_size
+    return (f"effective batch: {samples / sample_rate / 3600:.3g} hours of audio per update at most "
+            f"({batch_samples} samples x {accum_steps} micro-batches x {world_size} processes = {samples} samples)")
+
+
 # ---------------------------------------------------------------------------- the trainer
 
 
@@ -198,6 +213,51 @@ class _LossModule(nn.Module):
 
     def forward(self, batch):
         return self.loss_fn(self.model, batch)
+
+
+def _fully_shard(module: nn.Module, model: nn.Module) -> None:
+    """FSDP2: each Transformer layer its own unit (its whole parameters exist only while it runs),
+    the rest with ``module``, the root whose forward runs the loss."""
+    from torch.distributed.fsdp import fully_shard
+
+    if getattr(getattr(model, "config", None), "layerdrop", 0) > 0:
+        # each rank skips other layers, and a skipped unit's gradient exchange is then missing on it
+        raise ValueError("fsdp cannot train with layerdrop > 0 (each process would skip other layers); "
+                         "set the model's layerdrop to 0 or train without fsdp")
+    for layer in getattr(getattr(model, "encoder", None), "layers", ()):
+        fully_shard(layer)
+    fully_shard(module)
+
+
+def _full(t):
+    """A sharded tensor (DTensor) gathered whole, other values as they are. A collective: every
+    rank calls it for the same tensors in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _gathered(state, keep: bool):
+    """``state`` (a nested dict/list) with its sharded tensors gathered whole, on the CPU where
+    ``keep`` (rank 0, which writes), else dropped as soon as gathered (bounded memory)."""
+    if isinstance(state, dict):
+        return {k: _gathered(v, keep) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_gathered(v, keep) for v in state]
+    if isinstance(state, Tensor):
+        full = _full(state)
+        return full.detach().cpu() if keep else None
+    return state
+
+
+def _shard_like(full, like):
+    """``full`` cut into this rank's shard of ``like`` when ``like`` is sharded and the shapes
+    agree (a collective, see :func:`_full`); else ``full`` as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor) and isinstance(full, Tensor) and full.shape == like.shape:
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    return full
 
 
 def _to_device(batch, device: torch.device):
@@ -222,8 +282,10 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, make_loader: LoaderFactory, cfg: TrainConfig,
-                 run_dir: str | os.PathLike, *, hooks: Iterable[Callable] = (), extra_state: dict | None = None):
+                 run_dir: str | os.PathLike, *, hooks: Iterable[Callable] = (), extra_state: dict | None = None,
+                 batch_samples: int | None = None):
         self.cfg = cfg
+        self.batch_samples = batch_samples  # the most audio samples of one micro-batch (max_tokens): for the log
         # resolved once: every checkpoint path derives from it, so one checkpoint has one path
         self.run_dir = Path(run_dir).resolve()
         launch = dist_info()  # under torchrun, each process takes the GPU of its local rank
@@ -237,7 +299,10 @@ class Trainer:
         self.hooks = list(hooks)
         self.extra_state = dict(extra_state or {})
         self.module: nn.Module = _LossModule(self.model, loss_fn)
-        if self.info.world_size > 1:
+        self.sharded = cfg.fsdp and self.info.world_size > 1
+        if self.sharded:
+            _fully_shard(self.module, self.model)
+        elif self.info.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = DDP(self.module, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
@@ -271,6 +336,28 @@ class Trainer:
             self._lock.acquire()  # before anything is written or cleaned up in the run directory
             weakref.finalize(self, self._lock.release)
             remove_stale_entries(self.run_dir)
+        if self.info.world_size > 1:
+            self._check_shared_run_dir()
+
+    def _check_shared_run_dir(self) -> None:
+        """Every rank must see the run directory rank 0 writes: on resume each one reads the
+        checkpoint, and after a restart rank 0 may be on another node. Checked by reading back
+        the holder that rank 0 wrote into the lock file, so that a node-local ``--out`` is an
+        error on every rank at the start instead of a failed resume hours later."""
+        holder = [self._lock.path.read_text().strip() if self.info.is_main and self._lock.path.exists() else None]
+        dist.broadcast_object_list(holder, src=0)
+        seen = holder[0]
+        if holder[0] and not self.info.is_main:
+            try:
+                seen = self._lock.path.read_text().strip()
+            except OSError:
+                seen = None
+        flag = torch.tensor([float(seen != holder[0])], device=self.device)
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            raise RunError(f"{self.run_dir}: not the same directory on every node ({flag.item():.0f} of "
+                           f"{self.info.world_size} processes do not see what rank 0 writes there); put the run "
+                           "directory on storage that every node mounts at the same path")
 
     # ------------------------------------------------------------------ data
     def _next_batch(self):
@@ -345,7 +432,8 @@ class Trainer:
         max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else float("inf")
         if not params:
             return 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        # sharded gradients give the norm as a DTensor of per-rank parts: the whole one is the sum
+        return float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
     def train_step(self) -> dict:
         """One update: micro-batches, backward, (skip | clip + step), next learning rate."""
@@ -387,11 +475,16 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, optimizer: dict | None = None, rank_rng: list | None = None) -> dict:
+        """The trainer state of a checkpoint; ``optimizer``: the optimizer's, gathered whole
+        (under FSDP); ``rank_rng``: every rank's RNG state, in rank order (several processes)."""
         state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                 "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                 "skipped": self.skipped, "optimizer": self.optimizer.state_dict() if optimizer is None else optimizer,
                  "scaler": self.scaler.state_dict(), "rng": rng_state(), "train_config": self.cfg.to_dict(),
-                 "extra": json.dumps(self.extra_state), "train_seconds": self._elapsed_total()}
+                 "extra": json.dumps(self.extra_state), "train_seconds": self._elapsed_total(),
+                 "world_size": self.info.world_size}
+        if rank_rng is not None:
+            state["rank_rng"] = rank_rng
         if hasattr(self.loss_fn, "state_dict"):
             state["loss_fn"] = self.loss_fn.state_dict()
         return state
@@ -399,11 +492,22 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint_<step>`` atomically (temp dir, checksums, fsync, rename), repoint
         ``checkpoint_last``, drop the oldest beyond ``keep_last`` (:func:`w2v2.runs.write_checkpoint`).
-        Rank 0 only."""
+        Every rank calls it: with several processes each one's RNG state is gathered (masks,
+        dropout and crops differ per rank, so an exact resume needs them all), under FSDP the
+        weights and optimizer state too; rank 0 alone writes, the same files as one process."""
+        if self.info.world_size == 1:
+            return write_checkpoint(self.run_dir, self.step, self.model, self.state_dict, self.cfg.keep_last,
+                                    resumed_from=self._resumed_from)
+        rank_rng = [None] * self.info.world_size if self.info.is_main else None
+        dist.gather_object(rng_state(), rank_rng, dst=0)
+        weights = optimizer = None
+        if self.sharded:
+            weights = _gathered(self.model.state_dict(), self.info.is_main)
+            optimizer = _gathered(self.optimizer.state_dict(), self.info.is_main)
         if not self.info.is_main:
             return None
-        return write_checkpoint(self.run_dir, self.step, self.model, self.state_dict, self.cfg.keep_last,
-                                resumed_from=self._resumed_from)
+        return write_checkpoint(self.run_dir, self.step, self.model, lambda: self.state_dict(optimizer, rank_rng),
+                                self.cfg.keep_last, resumed_from=self._resumed_from, weights=weights)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore weights, optimizer, scaler, RNG states and data position (every rank).
@@ -414,21 +518,39 @@ class Trainer:
     def _restore(self, path: Path, state: dict, weights: dict[str, Tensor]) -> None:
         from .checkpoint import CheckpointError
 
+        optimizer = state["optimizer"]
+        if self.sharded:  # whole tensors in the file, this rank's shards in the model and optimizer
+            current = self.model.state_dict()
+            weights = {k: _shard_like(v, current.get(k)) for k, v in weights.items()}
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer = {**optimizer, "state": {
+                i: {k: _shard_like(v, params[i] if isinstance(i, int) and i < len(params) else None)
+                    for k, v in s.items()} for i, s in optimizer["state"].items()}}
         try:
             self.model.load_state_dict(weights, strict=True)
         except RuntimeError as e:  # another architecture: a user error, not a damaged file
             raise CheckpointError(f"{path}: holds weights of a different model than this run's "
                                   f"({str(e).splitlines()[0]}); resume with the run's own configuration") from e
         self.model.to(self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(optimizer)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped = state["batches_in_epoch"], state["skipped"]
+        saved_world = int(state.get("world_size", self.info.world_size))  # older checkpoints did not say
+        rank_rng = state.get("rank_rng")
         self.extra_state = json.loads(state.get("extra", "{}"))
         self._seconds_before = float(state.get("train_seconds", 0.0))
         if "loss_fn" in state and hasattr(self.loss_fn, "load_state_dict"):
             self.loss_fn.load_state_dict(state["loss_fn"])
-        set_rng_state(state["rng"])
+        world = self.info.world_size
+        set_rng_state(rank_rng[self.info.rank] if rank_rng and len(rank_rng) == world else state["rng"])
+        if saved_world != world:
+            # batches_in_epoch counts one rank's batches: the same share of the epoch at the new width
+            self.batches_in_epoch = -(-self.batches_in_epoch * saved_world // world)
+            if self.info.is_main:
+                log.warning("%s was saved by %d processes and resumes with %d: the data order and random draws "
+                            "from here on differ from the uninterrupted run's (up to %d batches of this epoch are "
+                            "skipped or repeated)", path.name, saved_world, world, max(saved_world, world))
         self._iter = None
         self._resumed_from = path
         self._warn_changed_options(path, state.get("train_config"))
@@ -530,6 +652,9 @@ class Trainer:
             except OSError as e:  # disk full, no permission: before any update
                 raise RunError(f"{e.filename or self.run_dir}: cannot write ({e.strerror or e})") from e
         self._started, self._first_step = time.monotonic(), self.step
+        if self.info.is_main and self.batch_samples:
+            log.info("%s", effective_batch(self.batch_samples, self.cfg.accum_steps, self.info.world_size,
+                                           self.cfg.sample_rate))
         bar = self._bar = self._progress_bar()
         stopped_early = False
         try:
@@ -580,6 +705,10 @@ class Trainer:
     def _after_update(self, row: dict, bar) -> None:
         if self.info.is_main:
             self._metrics.write(row)
+            if self.step == self._first_step + 1 and not row["skipped"]:
+                log.info("effective batch: %.3g hours of audio per update (measured at update %d, padding and "
+                         "crops excluded; every update's is audio_seconds in metrics.jsonl)",
+                         row["audio_seconds"] / 3600, self.step)
             if bar is not None:
                 bar.total = self._projected_updates()
                 bar.n = self.step

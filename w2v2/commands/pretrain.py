@@ -17,7 +17,7 @@ log = logging.getLogger("w2v2.pretrain")
 
 # the fields of the run's train and data sections that flags override
 TRAIN = ("max_updates", "max_minutes", "schedule_clock", "lr", "warmup_updates", "accum_steps", "precision",
-         "save_interval", "keep_last", "seed", "device", "tensorboard", "progress")
+         "fsdp", "save_interval", "keep_last", "seed", "device", "tensorboard", "progress")
 DATA = ("max_tokens", "max_samples", "num_workers")
 
 
