@@ -313,15 +313,20 @@ def _one_update(trainer, batch):
     trainer.train_step()
 
 
-def _sharding_worker(rank, world, rendezvous, entries, tmp_path):
-    """DDP, then FSDP, in the same two processes: gradients and one update of this rank's half,
-    a checkpoint each; then an FSDP trainer resumes the single-process checkpoint and saves it again."""
+def _two_process_worker(rank, world, rendezvous, entries, tmp_path):
+    """A run directory of each rank's own (refused); DDP, then FSDP: gradients and one update of
+    this rank's half, a checkpoint each; an FSDP trainer resumes the single-process checkpoint
+    and saves it again."""
     from torch.distributed.tensor import DTensor
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     # a file rendezvous: a TCP port picked free can be taken before the ranks bind it
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    try:
+        Trainer(model(), frame_loss, None, config(), tmp_path / f"node{rank}")  # each "machine" its own disk
+    except ValueError as e:
+        (tmp_path / f"local_dir_error.{rank}").write_text(str(e))
     # unequal halves: 1 and 3 utterances of different lengths, so the sample sizes differ per rank
     batch = _batch(entries, [0] if rank == 0 else [1, 2, 3])
     for mode in ("ddp", "fsdp"):
@@ -359,22 +364,32 @@ def _assert_close_state(a, b, **tol):
             assert torch.allclose(a[key], b[key], **tol) if tol else torch.equal(a[key], b[key]), key
 
 
-def test_ddp_and_fsdp_gradients_updates_and_checkpoints_equal_single_process(tmp_path):
-    """2 gloo processes on the CPU, each half of a batch: under DDP and FSDP2 (--fsdp) the gradients
-    and the first update equal one process's on the whole batch (within fp32 summation-order
-    tolerances), the checkpoints are the same files with the same keys, shapes and values, and an
-    FSDP trainer resumes a single-process checkpoint exactly (saving it back bit-identical)."""
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One process trains one update on a batch, then two (gloo, CPU) do the same with half each,
+    under DDP and under FSDP; one process spawn serves every test below (seconds each)."""
+    tmp_path = tmp_path_factory.mktemp("two_processes")
     entries = clips(tmp_path, 4)
     single = Trainer(model(hidden_dropout=0.0), projection_loss, None, config(**ONE_STEP), tmp_path / "one")
     whole = _batch(entries, [0, 1, 2, 3])
     expected = _grads(single, [whole])
-    before = {k: v.clone() for k, v in single.model.named_parameters()}
+    before = {k: v.detach().clone() for k, v in single.model.named_parameters()}
     _one_update(single, whole)
-    after = dict(single.model.named_parameters())
+    after = {k: v.detach().clone() for k, v in single.model.named_parameters()}
+    single.save_checkpoint()
+    single._lock.release()
+    mp.spawn(_two_process_worker, args=(2, tmp_path / "rendezvous", entries, tmp_path), nprocs=2, join=True)
+    return tmp_path, expected, before, after
+
+
+def test_ddp_and_fsdp_gradients_updates_and_checkpoints_equal_single_process(two_processes):
+    """2 gloo processes on the CPU, each half of a batch: under DDP and FSDP2 (--fsdp) the gradients
+    and the first update equal one process's on the whole batch (within fp32 summation-order
+    tolerances), the checkpoints are the same files with the same keys, shapes and values, and an
+    FSDP trainer resumes a single-process checkpoint exactly (saving it back bit-identical)."""
+    tmp_path, expected, before, after = two_processes
     moved = [k for k in expected if ((after[k] - before[k]).abs() > 10 * _weight_tolerance(expected[k], before[k])).any()]
     assert len(moved) > len(expected) // 2, "the update moved few weights: the comparisons below would prove little"
-    single.save_checkpoint()
-    mp.spawn(_sharding_worker, args=(2, tmp_path / "rendezvous", entries, tmp_path), nprocs=2, join=True)
     for mode in ("ddp", "fsdp"):
         for rank in range(2):
             got = torch.load(tmp_path / f"{mode}.grads.{rank}", weights_only=True)
@@ -394,3 +409,13 @@ def test_ddp_and_fsdp_gradients_updates_and_checkpoints_equal_single_process(tmp
     resumed_weights, resumed_state = _checkpoint(tmp_path / "fsdp_resumed" / "checkpoint_0000001")
     _assert_close_state(resumed_weights, ref_weights)
     _assert_close_state(resumed_state["optimizer"], ref_state["optimizer"])
+
+
+def test_a_run_directory_that_not_every_rank_sees_is_an_error_on_every_rank(two_processes):
+    """--out on a node-local disk: each machine would have its own run directory, and a resume
+    (every rank reads the checkpoint; rank 0 may be on another node after a restart) would fail
+    or diverge. Refused at the start, on every rank, with one line naming the directory."""
+    tmp_path = two_processes[0]
+    for rank in range(2):
+        message = (tmp_path / f"local_dir_error.{rank}").read_text()
+        assert "not the same directory on every node" in message and f"node{rank}:" in message, message

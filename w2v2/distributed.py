@@ -40,3 +40,12 @@ def init_distributed(device: torch.device) -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist_info()
+
+
+def restart_hint() -> str:
+    """Words to add to "already holds a run" when torchrun restarted the job (``--max-restarts``):
+    the first attempt wrote the run, so every restart without ``--resume`` fails the same way."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0) > 0:
+        return ("; torchrun restarted this job, whose first attempt started the run: launch it with --resume, "
+                "so that a restart continues from the last checkpoint")
+    return ""

@@ -483,6 +483,9 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
 
     cfg = FinetuneConfig() if cfg is None else cfg
     train_cfg = FinetuneTrainConfig() if train_cfg is None else train_cfg
+    if train_cfg.fsdp:  # validation runs the whole model on rank 0 alone, which a sharded one cannot
+        raise ValueError("fsdp is for pretraining; fine-tuning validates on rank 0 alone and needs whole weights "
+                         "there (DDP)")
     run_dir = Path(run_dir)  # created by the trainer, once everything below has been checked
     train_entries, valid_entries = read_data(train, valid)
     train_entries = _checked_entries(train_entries, train, "train")

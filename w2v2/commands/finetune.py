@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..checkpoint import find_model, random_init_config
 from ..config import ConfigError
+from ..distributed import restart_hint
 from ..errors import UserError
 from ..finetune import FinetuneConfig, FinetuneTrainConfig, finetune, read_data
 from ..trainer import last_checkpoint
@@ -63,7 +64,8 @@ def configs(args) -> tuple[FinetuneConfig, FinetuneTrainConfig]:
 def run(args) -> int:
     out = Path(args.out)
     if not args.resume and out.exists() and last_checkpoint(out) is not None:
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out"
+                        + restart_hint())
     problems = []  # every problem with the options and manifests, reported together before anything is written
     try:
         ft, tc = configs(args)

@@ -81,13 +81,14 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..data import list_entries, validate_entries
     from ..pretrain import build_trainer
-    from ..distributed import dist_info
+    from ..distributed import dist_info, restart_hint
     from ..trainer import checkpoint_dirs
 
     run_dir = Path(args.out)
     problems, cfg, entries = [], None, []
     if not args.resume and checkpoint_dirs(run_dir):
-        problems.append(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        problems.append(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+                        + restart_hint())
     try:  # every problem with the options and the data listing, reported together, before anything is written
         cfg = _run_config(args, run_dir)
     except ConfigError as e:
