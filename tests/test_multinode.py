@@ -40,7 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp: Path, audio: Path, run: Path, name: str) -> list[subprocess.Popen]:
+def launch(tmp: Path, audio: Path, run: Path, name: str, extra: tuple = ()) -> list[subprocess.Popen]:
     """Two torchrun agents, one worker each, meeting at a c10d rendezvous on 127.0.0.1: the
     command docs/scale.md gives for two machines, with 1 process per node instead of 8."""
     script, pids = tmp / "worker.py", tmp / f"{name}.pids"
@@ -57,7 +57,7 @@ def launch(tmp: Path, audio: Path, run: Path, name: str) -> list[subprocess.Pope
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", name,
                "--local-addr", "127.0.0.1", "--max-restarts", "2", "--monitor-interval", "0.2",
-               str(script), str(pids), "pretrain", str(audio), "--out", str(run), *PRETRAIN, "--resume"]
+               str(script), str(pids), "pretrain", str(audio), "--out", str(run), *PRETRAIN, *extra, "--resume"]
         log = open(tmp / f"{name}.{tag}.log", "w")
         nodes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return nodes
@@ -78,15 +78,16 @@ def wait(nodes: list[subprocess.Popen], tmp: Path, name: str, timeout: float = 2
 
 @pytest.mark.slow  # two torchrun jobs of two nodes each, one restarted: over 2 minutes on 2 loaded cores
 @pytest.mark.usefixtures("one_thread")
-def test_two_nodes_one_killed_and_restarted_by_torchrun_end_as_if_uninterrupted(tmp_path):
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_two_nodes_one_killed_and_restarted_by_torchrun_end_as_if_uninterrupted(sharding, tmp_path):
     folder = tmp_path / "clips"
     write_clips(folder, [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3])
     audio = folder / "audio"
     reference = tmp_path / "reference"
-    wait(launch(tmp_path, audio, reference, "reference"), tmp_path, "reference")
+    wait(launch(tmp_path, audio, reference, "reference", sharding), tmp_path, "reference")
 
     run = tmp_path / "run"
-    nodes = launch(tmp_path, audio, run, "killed")
+    nodes = launch(tmp_path, audio, run, "killed", sharding)
     deadline = time.monotonic() + 180
     # once a few checkpoints exist, node b's worker dies at once (a lost machine, as its workers see it)
     while len(read_metrics(run)) < 3 if (run / "metrics.jsonl").exists() else True:

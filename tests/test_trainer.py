@@ -231,6 +231,24 @@ def test_checkpoint_names_order_by_update_number_everywhere(tmp_path):
     assert _run_dir_model(run) == run / "checkpoint_10000000"
 
 
+def test_the_effective_batch_is_logged(tmp_path, caplog):
+    """At the start the most audio an update can hold (max_tokens x accum_steps x processes), after
+    the first update the audio it held, as metrics.jsonl records it."""
+    import logging
+
+    entries = clips(tmp_path)
+    with caplog.at_level(logging.INFO, logger="w2v2.trainer"):
+        Trainer(model(), frame_loss, factory(entries), config(max_updates=2, accum_steps=3), tmp_path / "run",
+                batch_samples=20_000).train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("effective batch")]
+    bound = 20_000 * 3 / 16000 / 3600
+    assert lines[0].startswith(f"effective batch: {bound:.3g} hours of audio per update at most (20000 samples x 3 ")
+    first = read_metrics(tmp_path / "run")[0]
+    assert lines[1].startswith(f"effective batch: {first['audio_seconds'] / 3600:.3g} hours of audio per update "
+                               "(measured at update 1")
+    assert 0 < first["audio_seconds"] <= 20_000 * 3 / 16000 and len(lines) == 2
+
+
 # ---------------------------------------------------------------------------- non-finite safety
 def test_nan_batch_is_skipped_without_touching_weights(tmp_path):
     entries = clips(tmp_path)
@@ -341,6 +359,12 @@ def _two_process_worker(rank, world, rendezvous, entries, tmp_path):
         _one_update(trainer, batch)
         trainer.save_checkpoint()
         trainer._lock.release()
+    for mode in ("ddp", "fsdp"):  # layerdrop: every rank skips the same layers (FSDP units), one process too
+        trainer = Trainer(model(hidden_dropout=0.0, layerdrop=0.5), projection_loss, None,
+                          config(find_unused_parameters=True, fsdp=mode == "fsdp"), tmp_path / f"{mode}_layerdrop")
+        grads = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in _grads(trainer, [batch]).items()}
+        torch.save(grads, tmp_path / f"{mode}_layerdrop.grads.{rank}")
+        trainer._lock.release()
     trainer = Trainer(model(seed=7), projection_loss, None, config(fsdp=True, **ONE_STEP), tmp_path / "fsdp_resumed")
     trainer.load_checkpoint(tmp_path / "one" / "checkpoint_0000001")
     trainer.save_checkpoint()
@@ -378,6 +402,10 @@ def two_processes(tmp_path_factory):
     after = {k: v.detach().clone() for k, v in single.model.named_parameters()}
     single.save_checkpoint()
     single._lock.release()
+    dropping = Trainer(model(hidden_dropout=0.0, layerdrop=0.5), projection_loss, None, config(),
+                       tmp_path / "one_layerdrop")
+    torch.save(_grads(dropping, [whole]), tmp_path / "one_layerdrop.grads")
+    dropping._lock.release()
     mp.spawn(_two_process_worker, args=(2, tmp_path / "rendezvous", entries, tmp_path), nprocs=2, join=True)
     return tmp_path, expected, before, after
 
@@ -388,7 +416,8 @@ def test_ddp_and_fsdp_gradients_updates_and_checkpoints_equal_single_process(two
     tolerances), the checkpoints are the same files with the same keys, shapes and values, and an
     FSDP trainer resumes a single-process checkpoint exactly (saving it back bit-identical)."""
     tmp_path, expected, before, after = two_processes
-    moved = [k for k in expected if ((after[k] - before[k]).abs() > 10 * _weight_tolerance(expected[k], before[k])).any()]
+    moved = [k for k in expected
+             if ((after[k] - before[k]).abs() > 10 * _weight_tolerance(expected[k], before[k])).any()]
     assert len(moved) > len(expected) // 2, "the update moved few weights: the comparisons below would prove little"
     for mode in ("ddp", "fsdp"):
         for rank in range(2):
@@ -419,3 +448,20 @@ def test_a_run_directory_that_not_every_rank_sees_is_an_error_on_every_rank(two_
     for rank in range(2):
         message = (tmp_path / f"local_dir_error.{rank}").read_text()
         assert "not the same directory on every node" in message and f"node{rank}:" in message, message
+
+
+def test_layerdrop_skips_the_same_layers_on_every_rank_under_ddp_and_fsdp(two_processes):
+    """Layerdrop draws from (seed, update, micro-batch), not from each rank's generator: FSDP needs
+    every rank to run or skip a layer (a unit) together, and two processes then compute the
+    gradient one process does, skipped layers included."""
+    tmp_path = two_processes[0]
+    expected = torch.load(tmp_path / "one_layerdrop.grads", weights_only=True)
+    layers = {name.split(".")[2] for name in expected if name.startswith("encoder.layers.")}
+    assert 0 < len(layers) < len(model(layerdrop=0.5).encoder.layers), "no layer skipped, or all: proves nothing"
+    for mode in ("ddp", "fsdp"):
+        for rank in range(2):
+            got = torch.load(tmp_path / f"{mode}_layerdrop.grads.{rank}", weights_only=True)
+            assert set(got) == set(expected), (mode, rank)
+            for name in expected:
+                assert torch.allclose(got[name], expected[name], **GRAD_TOL), (mode, rank, name)
+

@@ -213,6 +213,7 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layerdrop_generator: torch.Generator | None = None  # set by the trainer (see Trainer.forward_backward)
 
     def forward(self, x: Tensor, frame_mask: Tensor | None = None, num_layers: int | None = None,
                 output_hidden_states: bool = False) -> tuple[Tensor, list[Tensor] | None]:
@@ -232,8 +233,9 @@ class Encoder(nn.Module):
         x = self.dropout(x)
         hidden = [x] if output_hidden_states else None
         layers = self.layers if num_layers is None else self.layers[:num_layers]
+        drop = self.layerdrop if self.training else 0.0
         for layer in layers:
-            if not (self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop):
+            if not (drop > 0 and torch.rand((), generator=self.layerdrop_generator) < drop):
                 x = layer(x, key_mask)
             if hidden is not None:
                 hidden.append(x)

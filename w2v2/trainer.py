@@ -28,7 +28,10 @@ and the previous one used instead (:meth:`Trainer.resume_latest`). Rank 0 holds 
 directory's lock (:class:`w2v2.runs.RunLock`) from construction to the end of training, and on
 taking it removes what killed runs left there. Launched by ``torchrun``, the
 trainer joins the process group (gloo on CPU, nccl on GPU), wraps the model in
-DistributedDataParallel and lets rank 0 alone write.
+DistributedDataParallel, or with ``fsdp`` shards it with FSDP2 (``fully_shard``), and lets rank 0
+alone write; saving is collective (every rank's RNG state, and under FSDP the weights and
+optimizer state, are gathered whole into the files one process writes). docs/scale.md has the
+launch commands and what a restart does.
 """
 
 from __future__ import annotations
@@ -220,10 +223,6 @@ def _fully_shard(module: nn.Module, model: nn.Module) -> None:
     the rest with ``module``, the root whose forward runs the loss."""
     from torch.distributed.fsdp import fully_shard
 
-    if getattr(getattr(model, "config", None), "layerdrop", 0) > 0:
-        # each rank skips other layers, and a skipped unit's gradient exchange is then missing on it
-        raise ValueError("fsdp cannot train with layerdrop > 0 (each process would skip other layers); "
-                         "set the model's layerdrop to 0 or train without fsdp")
     for layer in getattr(getattr(model, "encoder", None), "layers", ()):
         fully_shard(layer)
     fully_shard(module)
@@ -299,6 +298,10 @@ class Trainer:
         self.hooks = list(hooks)
         self.extra_state = dict(extra_state or {})
         self.module: nn.Module = _LossModule(self.model, loss_fn)
+        encoder = getattr(self.model, "encoder", None)
+        self._layerdrop = torch.Generator() if getattr(encoder, "layerdrop", 0) > 0 else None
+        if self._layerdrop is not None:
+            encoder.layerdrop_generator = self._layerdrop
         self.sharded = cfg.fsdp and self.info.world_size > 1
         if self.sharded:
             _fully_shard(self.module, self.model)
@@ -395,6 +398,10 @@ class Trainer:
         sums = {}  # metric name -> sum of value * sample_size (this rank)
         loss_total, size_total, audio_samples = 0.0, 0.0, 0.0
         for i, batch in enumerate(batches):
+            if self._layerdrop is not None:
+                # layerdrop skips the same layers on every rank: under FSDP a layer is a unit whose
+                # gradient exchange every rank must join or skip together
+                self._layerdrop.manual_seed((self.cfg.seed * 1_000_003 + self.step) * self.cfg.accum_steps + i)
             sync = i == len(batches) - 1 or not hasattr(self.module, "no_sync")
             ctx = contextlib.nullcontext() if sync else self.module.no_sync()
             with ctx:
