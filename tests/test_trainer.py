@@ -465,3 +465,16 @@ def test_layerdrop_skips_the_same_layers_on_every_rank_under_ddp_and_fsdp(two_pr
             for name in expected:
                 assert torch.allclose(got[name], expected[name], **GRAD_TOL), (mode, rank, name)
 
+
+def test_resuming_with_another_number_of_processes_rescales_the_position_and_says_so(two_processes, caplog):
+    """A checkpoint of 2 processes resumed by 1: this rank's position in the epoch covers the
+    batches both ranks had taken, and a warning says the run leaves the uninterrupted course."""
+    import logging
+
+    tmp_path = two_processes[0]
+    trainer = Trainer(model(hidden_dropout=0.0), projection_loss, None, config(**ONE_STEP), tmp_path / "one_of_two")
+    with caplog.at_level(logging.WARNING, logger="w2v2.trainer"):
+        trainer.load_checkpoint(tmp_path / "ddp" / "checkpoint_0000001")
+    assert trainer.step == 1 and trainer.batches_in_epoch == 2  # 1 batch on each of 2 ranks
+    assert "saved by 2 processes and resumes with 1" in caplog.text
+
