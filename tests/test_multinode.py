@@ -103,3 +103,29 @@ def test_two_nodes_one_killed_and_restarted_by_torchrun_end_as_if_uninterrupted(
     assert killed_at < UPDATES and len(checkpoint_dirs(run)) == 2
     assert_intact(run)
     assert_same_as_reference(run, reference)
+
+
+def test_a_torchrun_restart_without_resume_says_to_launch_with_it(tmp_path, monkeypatch, capsys):
+    """The first attempt started the run, so a restart without --resume finds it and stops: the
+    message says why it happens under torchrun and what the launch command needs."""
+    from w2v2.cli import main
+
+    write_clips(tmp_path / "clips", [0.6])
+    argv = ["pretrain", str(tmp_path / "clips" / "audio"), "--out", str(tmp_path / "run"), "--preset", "tiny"]
+    (tmp_path / "run" / "checkpoint_0000002").mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "torchrun restarted this job" in err and "--resume" in err, err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert main(argv) == 1
+    assert "torchrun restarted" not in capsys.readouterr().err
+
+
+def test_fine_tuning_refuses_fsdp_before_reading_anything(tmp_path):
+    from w2v2.finetune import FinetuneTrainConfig, finetune
+
+    with pytest.raises(ValueError, match="fsdp is for pretraining"):
+        finetune("missing-model", [str(tmp_path / "missing.tsv")], [str(tmp_path / "missing.tsv")], tmp_path / "run",
+                 train_cfg=FinetuneTrainConfig(fsdp=True))
+    assert not (tmp_path / "run").exists()
