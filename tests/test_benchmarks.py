@@ -63,3 +63,51 @@ def test_serve_load_quick_run_prints_both_phases(data_dir):
     assert set(rows) == {"1", "2"}, out
     for r in rows.values():
         assert int(r[1]) > 0 and r[2] == "0" and float(r[3]) > 0 and r[-1] == "0", out
+
+
+def test_scale_costs_quick_run_counts_what_a_hand_computation_gives():
+    out = run("benchmarks/scale_costs.py", "--quick")
+    counted = {r[1]: r for r in table_rows(out, "BASE (tiny)")}
+
+    def conv_frames(samples: int) -> list[int]:  # the standard feature encoder: 20 ms frames, 25 ms field
+        out = []
+        for k, s in zip((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)):
+            samples = (samples - k) // s + 1
+            out.append(samples)
+        return out
+
+    def frames(samples: int) -> int:
+        return conv_frames(samples)[-1]
+
+    # One layer's FFN in the tiny preset: two products frames x 32 x 64, 2 FLOPs per multiply-add; a
+    # training step adds the backward's two products per product (input and weight gradients), and
+    # with the Transformer frozen (the recipe's first updates) the backward does not reach it.
+    for step, samples, passes in (("inference 30 s", 480_000, 1), ("inference 10 s", 160_000, 1),
+                                  ("fine-tuning", 240_000, 3), ("fine-tuning, Transformer frozen", 240_000, 1),
+                                  ("pretraining", 250_000, 3)):
+        ffn = passes * 2 * (2 * frames(samples) * 32 * 64)
+        assert float(counted[step][6]) == pytest.approx(ffn / 1e9, rel=1e-3), (step, out)
+    # The counted inference forward is harness.forward_flops' analytic count of the same model.
+    for step in ("inference 10 s", "inference 30 s"):
+        assert float(counted[step][3]) == pytest.approx(float(counted[step][5]), rel=2e-3), out
+    # A fine-tuning step: the forward, and twice the forward of all but the frozen feature encoder (32
+    # channels) in the backward. Also holds for the grouped positional convolution, whose weight
+    # gradient PyTorch's own formula counts 4x (groups) too high in the tiny preset.
+    widths = zip(conv_frames(240_000), (1, 32, 32, 32, 32, 32, 32), (10, 3, 3, 3, 3, 2, 2))
+    encoder = sum(2 * t * 32 * cin * k for t, cin, k in widths)
+    forward = float(counted["fine-tuning"][5]) * 1e9
+    assert float(counted["fine-tuning"][3]) * 1e9 == pytest.approx(3 * forward - 2 * encoder, rel=1e-3), out
+
+    jobs = {(r[0], r[1]): r for r in table_rows(out, "pretrain") + table_rows(out, "fine-tune")
+            + table_rows(out, "transcribe")}
+    assert len(jobs) == 12, out
+    # The update count, not the corpus, sets pretraining cost; epochs = updates x 1.4 M x 64 samples / corpus.
+    assert jobs[("pretrain, 960 h", "BASE")][5] == jobs[("pretrain, 60 k h", "BASE")][5]
+    assert float(jobs[("pretrain, 960 h", "BASE")][4]) == pytest.approx(400_000 * 1.4e6 * 64 / 16000 / 3600 / 960,
+                                                                       rel=1e-2)
+    # 10 min of labels is 9.6 M samples: one update fills 3 GPUs of 3.2 M samples, however many there are.
+    assert jobs[("fine-tune, 10 min", "BASE")][3] == "600 s" and "(3 busy)" in jobs[("fine-tune, 10 min", "BASE")][-2]
+    # Transcription: 10 k hours in 30 s chunks every 20 s, at the counted FLOPs per second of a 30 s chunk.
+    per_second = float(counted["inference 30 s"][4]) * 1e9
+    assert float(jobs[("transcribe, 10 k h", "BASE")][5]) == pytest.approx(10_000 * 3600 * 1.5 * per_second / 1e18,
+                                                                          rel=1e-2), out
