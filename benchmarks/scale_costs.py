@@ -95,7 +95,7 @@ class Job:
 
     def audio_per_update(self) -> float:
         """Seconds of audio one update sees: the recipe's batch, or the whole corpus when smaller
-        (fairseq fills the other GPUs with empty batches)."""
+        (the other GPUs have nothing to do)."""
         return min(self.batch_samples * self.recipe_gpus / RATE, self.corpus_hours * 3600)
 
     def busy_gpus(self) -> float:
@@ -134,8 +134,8 @@ def countable():
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
     """Each gradient of a convolution (input, weight) costs what its forward costs. PyTorch's own
-    formula counts a grouped convolution's weight gradient as if it were ungrouped: 16 times too many
-    for the positional convolution, +20% on a BASE training step."""
+    formula counts a grouped convolution's weight gradient as if it were ungrouped (``groups`` times
+    too many: the positional convolution has 16 groups)."""
     return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * (int(output_mask[0]) + int(output_mask[1]))
 
 
@@ -269,7 +269,8 @@ def main() -> None:
         flops, u = implied_mfu(ref, counted)
         mfu.setdefault(ref.model, []).append(u)
         mfu_rows.append([ref.name, f"{ref.updates // 1000} k", f"{ref.batch_samples / 1e6:g} M x {ref.gpus}",
-                         f"{flops / 1e18:.1f}", f"{ref.gpus} x {ref.days:g} d", f"{flops / (ref.gpus * ref.days * 86400) / 1e12:.1f}",
+                         f"{flops / 1e18:.1f}", f"{ref.gpus} x {ref.days:g} d",
+                         f"{flops / (ref.gpus * ref.days * 86400) / 1e12:.1f}",
                          f"{100 * u:.2g}%"])
     train_mfu = {model: sum(us) / len(us) for model, us in mfu.items()}
     infer_mfu = MEASURED_INFER_TFLOPS / H100_BF16
