@@ -129,3 +129,26 @@ def test_fine_tuning_refuses_fsdp_before_reading_anything(tmp_path):
         finetune("missing-model", [str(tmp_path / "missing.tsv")], [str(tmp_path / "missing.tsv")], tmp_path / "run",
                  train_cfg=FinetuneTrainConfig(fsdp=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_collective_failing_because_a_peer_died_is_one_line_not_an_internal_error(monkeypatch, capsys):
+    """The survivors of a killed process fail in their next collective: the CLI says so, not "internal error"."""
+    import torch.distributed  # noqa: F401  (a distributed job has it loaded; the CLI looks only then)
+
+    from w2v2 import cli
+    from w2v2.commands import plot
+
+    def lost(_args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:7")
+
+    monkeypatch.setattr(plot, "run", lost)
+    assert cli.main(["plot", "somewhere"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another process of the distributed job failed" in err[0] and "internal" not in err[0]
+
+    def bug(_args):
+        raise RuntimeError("shapes (2, 3) and (4, 5) do not match")
+
+    monkeypatch.setattr(plot, "run", bug)
+    assert cli.main(["plot", "somewhere"]) == 1
+    assert "internal error" in capsys.readouterr().err

@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (UserError, ValueError, FileNotFoundError, PermissionError, ImportError, OutputError)):
             print(f"w2v2 {args.command}: error: {e}", file=sys.stderr)
             return getattr(e, "exit_status", 1)  # 2 for a usage error
+        if "torch.distributed" in sys.modules:  # a collective failing because a peer died is no bug here
+            from .distributed import peer_failure
+            if (lost := peer_failure(e)) is not None:
+                print(f"w2v2 {args.command}: error: {lost}", file=sys.stderr)
+                return 1
         print(f"w2v2 {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

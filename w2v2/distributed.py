@@ -49,3 +49,18 @@ def restart_hint() -> str:
         return ("; torchrun restarted this job, whose first attempt started the run: launch it with --resume, "
                 "so that a restart continues from the last checkpoint")
     return ""
+
+
+# Text of the errors a collective raises when another process of the job died or hung up: the
+# survivors fail in their next collective, and that is not a bug of theirs.
+_PEER_LOST_MARKS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """A one-line account of ``error`` when it says another process of the job failed, else None."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, dist.DistError) or (
+            isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _PEER_LOST_MARKS)):
+        return (f"another process of the distributed job failed or was lost ({type(error).__name__}: {text[:200]}); "
+                "torchrun restarts the job when launched with --max-restarts")
+    return None
