@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,14 @@ def dist_info() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Start the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+def init_distributed(device: torch.device, timeout: timedelta | None = None) -> DistInfo:
+    """Start the process group when launched by torchrun (gloo on CPU, nccl on GPU); ``timeout``:
+    how long a collective waits for the other ranks (None: PyTorch's default)."""
     info = dist_info()
     if info.world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return dist_info()
 
 

@@ -187,13 +187,14 @@ def embed(model: Wav2Vec2, inputs, *, layers="all", pool: str = "mean", batch_si
 
 def _embed_all(model: Wav2Vec2, items: list[Item], layers: list[int], pool: str,
                batch_size: int) -> Iterator[Embedding]:
-    order = sorted(range(len(items)), key=lambda i: _duration(items[i]))
+    order = sorted(range(len(items)), key=lambda i: item_seconds(items[i]))
     for start in range(0, len(order), batch_size):
         batch = [(i, items[i]) for i in order[start:start + batch_size]]
         yield from _embed_batch(model, batch, layers, pool)
 
 
-def _duration(item: Item) -> float:
+def item_seconds(item: Item) -> float:
+    """Its duration: the manifest's, the array's, or from the file's header; 0 when unknown."""
     if item.seconds is not None:
         return item.seconds
     if isinstance(item.source, np.ndarray):

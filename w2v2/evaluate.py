@@ -191,6 +191,19 @@ def evaluate(engine: Engine, utterances: list[Utterance], chunk: int = 256, prog
     return EvalResult(wer, cer, audio_seconds, compute_seconds, per)
 
 
+def merge_results(parts: list[tuple[list[int], EvalResult]]) -> EvalResult:
+    """The result of a whole manifest from the results of its parts (each with the positions of
+    its utterances in the manifest, e.g. one part per process): utterances back in manifest
+    order, WER and CER over all of them at once (total edits over total reference length), the
+    figures :func:`evaluate` gives for the whole manifest in one process; compute seconds summed."""
+    placed = sorted(((i, u) for where, r in parts for i, u in zip(where, r.utterances, strict=True)),
+                    key=lambda p: p[0])
+    utts = [u for _, u in placed]
+    wer, cer = error_rates([u.ref for u in utts], [u.hyp for u in utts])
+    return EvalResult(wer, cer, sum(r.audio_seconds for _, r in parts), sum(r.compute_seconds for _, r in parts),
+                      utts)
+
+
 def write_errors(result: EvalResult, path: str | Path) -> None:
     """Per-utterance table, worst first: ``path ref hyp wer cer`` (tab-separated, atomically)."""
     rows = sorted(result.utterances, key=lambda u: (-u.wer, -u.cer, u.path))

@@ -128,6 +128,9 @@ SHARED = {
     "--resume": lambda: dict(action="store_true", help="continue the run in --out from its last checkpoint (a fresh "
                                                        "start when it has none)"),
     "--batch-size": lambda: dict(type=int, default=8, help="files per forward pass (sorted by duration)"),
+    "--skip-existing": lambda: dict(action="store_true",
+                                    help="skip inputs whose output files (every one asked for) all exist in "
+                                         "--output-dir: a restarted job redoes only the rest"),
 }
 
 

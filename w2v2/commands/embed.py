@@ -25,12 +25,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save as st_save
+from safetensors.numpy import save as _st_save
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..distributed import dist_info
+from ..errors import UsageError, UserError
 from ..fileio import OutputError, atomic_write_bytes, atomic_write_files, make_folder
 from ._options import add_shared
+from ..shard import gather, my_share
 from ._shared import check_output_target, load_cli_model, nothing_more_can_be_written
 
 
@@ -47,19 +49,27 @@ def add_arguments(parser) -> None:
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--output-dir", help="one file per input here (subdirectories mirror the input names)")
     out.add_argument("--output", help="one combined safetensors file for all inputs")
-    add_shared(parser, "--batch-size", "--device", "--progress")
+    add_shared(parser, "--batch-size", "--device", "--progress", "--skip-existing")
 
 
 def run(args) -> int:
-    from ..embed import embed, frame_shift, receptive_field, resolve_inputs, resolve_layers
+    from ..embed import embed, frame_shift, receptive_field, item_seconds, resolve_inputs, resolve_layers
 
     if args.output and args.format != "safetensors":
         raise UserError("--output writes one safetensors file; use --output-dir for --format npy")
+    if args.output and (args.skip_existing or dist_info().world_size > 1):
+        raise UsageError("--output writes one file for all inputs; --skip-existing and several processes "
+                         "need --output-dir (one file per input)")
     items = resolve_inputs(args.inputs)
     if not items:
         raise UserError(f"no audio files found in {' '.join(args.inputs)}")
     check_output_target(args.output_dir or args.output, folder=args.output_dir is not None,
                         option="--output-dir" if args.output_dir else "--output")
+    items = [items[i] for i in my_share(items, item_seconds)]  # under torchrun: this rank's part
+    skipped = 0
+    if args.skip_existing:
+        todo = [it for it in items if not outputs_exist(it, Path(args.output_dir), args.format)]
+        skipped, items = len(items) - len(todo), todo
     model = load_cli_model(args, with_quantizer=False)
     layers = resolve_layers(args.layers, model.config.num_hidden_layers)
     meta = {"model": args.model or "default", "layers": json.dumps(layers), "pool": args.pool,
@@ -89,10 +99,29 @@ def run(args) -> int:
     if args.output and done:
         done.sort(key=lambda e: e.index)
         atomic_write_bytes(args.output, combined_bytes(done, args.pool, meta))
-    where = args.output or args.output_dir
-    print(f"{len(items) - failed} of {len(items)} files embedded to {where}"
-          + (f"; {failed} failed (see above)" if failed else ""), file=sys.stderr)
+    total, failed, skipped = (sum(n) for n in zip(*gather((len(items), failed, skipped))))  # the whole job's
+    if dist_info().is_main:
+        where = args.output or args.output_dir
+        print(f"{total - failed} of {total} files embedded to {where}"
+              + (f"; {skipped} skipped, their outputs exist" if skipped else "")
+              + (f"; {failed} failed (see above)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
+
+
+def outputs_exist(item, out_dir: Path, fmt: str) -> bool:
+    """Whether ``write_one`` wrote this input's files (each is written whole or not at all)."""
+    path = out_dir / f"{item.key}.{fmt}"
+    return path.is_file() and (fmt != "npy" or path.with_suffix(".json").is_file())
+
+
+def st_save(tensors: dict, metadata: dict) -> bytes:
+    """safetensors bytes that depend only on the tensors and metadata: the header's keys sorted
+    (safetensors writes the metadata in a hash map's order, which changes from process to process)."""
+    data = _st_save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format's alignment of the data that follows
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def write_one(e, out_dir: Path, fmt: str, meta: dict) -> Path:

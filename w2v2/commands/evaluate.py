@@ -76,7 +76,9 @@ def read_inputs(args) -> list[tuple[str, list]]:
 
 
 def run(args) -> int:
-    from ..evaluate import evaluate, format_table, write_errors
+    from ..distributed import dist_info
+    from ..evaluate import evaluate, format_table, merge_results, write_errors
+    from ..shard import gather, my_share, probe_seconds
 
     if args.out:  # before any work: a path that can never be written, or a folder that takes no files
         from ._shared import check_output_target
@@ -84,10 +86,31 @@ def run(args) -> int:
         check_output_target(args.out, folder=len(args.data) > 1, option="--out")
     inputs = read_inputs(args)
     engine = build_engine(args)
-    rows = []
+    several = dist_info().world_size > 1
+    parts, error = [], None  # (positions in the manifest, their result) per manifest; a rank's failure
     for manifest, utts in inputs:
-        log.info("%s: %d utterances", manifest, len(utts))
-        result = evaluate(engine, utts, progress=lambda d, n: log.info("  %d/%d", d, n))
+        share = my_share(utts, lambda u: u.seconds if u.seconds is not None else probe_seconds(u.path))
+        log.info("%s: %d utterances%s", manifest, len(share), f" of {len(utts)} on this rank" if several else "")
+        try:
+            parts.append((share, evaluate(engine, [utts[i] for i in share],
+                                          progress=lambda d, n: log.info("  %d/%d", d, n))))
+        except Exception as e:  # under torchrun: said by rank 0 once every rank has finished
+            if not several:
+                raise
+            error = str(e) or type(e).__name__
+            break
+    ranks = gather((parts, error))  # every rank's, under torchrun; [ours] in one process
+    errors = [e for _, e in ranks if e]
+    if errors:
+        if not dist_info().is_main:
+            return 1
+        more = f" (and {len(errors) - 1} more failure(s) on other processes)" if len(errors) > 1 else ""
+        raise ValueError(errors[0] + more)
+    if not dist_info().is_main:
+        return 0
+    rows = []
+    for k, (manifest, _) in enumerate(inputs):
+        result = merge_results([rank_parts[k] for rank_parts, _ in ranks])
         rows.append((engine.name, Path(manifest).name, result))
         if args.out:
             out = Path(args.out)

@@ -9,7 +9,10 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..distributed import dist_info
 from ..fileio import OutputError
+from ..shard import gather, my_share, probe_seconds
+from ._options import add_shared
 from ._shared import (UsageError, add_decoding_arguments, add_model_arguments, add_output_arguments,
                       check_output_arguments, emit, failure_line, load_cli_model, nothing_more_can_be_written,
                       output_formats, output_problem, prepare_output_dir, transcribe_options)
@@ -22,8 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_output_arguments(parser, default_format="txt")
     add_decoding_arguments(parser)
-    parser.add_argument("--skip-existing", action="store_true",
-                        help="skip inputs whose output files all exist in --output-dir")
+    add_shared(parser, "--skip-existing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_arguments(args)
     if args.skip_existing and args.output_dir is None:
         raise ValueError("--skip-existing needs --output-dir")
+    if args.output_dir is None and dist_info().world_size > 1:
+        raise UsageError("several processes write files, not standard output: give an --output-dir")
     inputs, out_names, failures, total_inputs = _plan(args)
     if not inputs:
         return _summary(failures, total_inputs)
@@ -85,10 +89,12 @@ def _plan(args: argparse.Namespace) -> tuple[list[str], list[str], int, int]:
     pairs = [(f, None if files == [item] else item) for item, files in found for f in files]  # (input, its folder)
     if not pairs:
         raise ValueError(f"no audio or video files found in {' '.join(args.inputs)}")
-    empty_dirs = [item for item, files in found if not files]
+    inputs, out_names = [f for f, _ in pairs], _output_names(pairs, args)
+    share = my_share(inputs, probe_seconds)  # under torchrun: this rank's part (all inputs in one process)
+    pairs, inputs, out_names = ([x[i] for i in share] for x in (pairs, inputs, out_names))
+    empty_dirs = [item for item, files in found if not files] if dist_info().is_main else []  # counted once
     for folder in empty_dirs:  # a failure too, but the other inputs go on
         print(f"{folder}: no audio or video files in this directory", file=sys.stderr)
-    inputs, out_names = [f for f, _ in pairs], _output_names(pairs, args)
     prepare_output_dir(args)
     keep = range(len(inputs))
     if args.output_dir is not None:
@@ -107,7 +113,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[str], list[str], int, int]:
 
 
 def _summary(failures: int, total: int) -> int:
-    if failures:
+    """The job's failures (over every rank under torchrun, said by rank 0) -> the exit status."""
+    failures, total = (sum(n) for n in zip(*gather((failures, total))))
+    if failures and dist_info().is_main:
         print(f"{failures} of {total} input(s) failed", file=sys.stderr)
     return 1 if failures else 0
 
