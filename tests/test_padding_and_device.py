@@ -51,8 +51,13 @@ def test_resolve_device(monkeypatch):
         with pytest.raises(ValueError, match=f"--device {name}: no CUDA GPU is available"):
             resolve_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("auto", local_rank=2) == resolve_device("cuda", local_rank=2) == torch.device("cuda:2")
     assert resolve_device("cuda:0", local_rank=2) == torch.device("cuda:0")  # an explicit index wins
+    for name, value in (("RANK", "13"), ("WORLD_SIZE", "16"), ("LOCAL_RANK", "5")):  # torchrun's, 8 per machine
+        monkeypatch.setenv(name, value)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:1")  # 8 processes share 4 GPUs
+    assert resolve_device("cuda:3") == torch.device("cuda:3")
     with pytest.raises(ValueError, match="--device gpu: not a device"):
         resolve_device("gpu")

@@ -107,9 +107,11 @@ def precision_context(model, precision: str) -> Iterator[None]:
 
 def resolve_device(name: str | None, local_rank: int | None = None) -> torch.device:
     """The device of ``name``: ``None``/``"auto"``: CUDA when available, else the CPU; ``"cpu"``,
-    ``"cuda"``, ``"cuda:N"`` as given. ``local_rank`` (a distributed run's process on this machine)
-    turns a plain ``"cuda"`` into ``"cuda:<local_rank>"``. Asking for CUDA without a GPU is a
-    ``ValueError`` here, not a failure deep inside the first forward pass."""
+    ``"cuda"``, ``"cuda:N"`` as given. ``local_rank`` (a distributed run's process on this machine;
+    default: torchrun's ``LOCAL_RANK`` when it started several processes) turns a plain ``"cuda"``
+    into ``"cuda:<local_rank>"``, taken modulo the GPUs there are (more processes than GPUs share
+    them). Asking for CUDA without a GPU is a ``ValueError`` here, not a failure deep inside the
+    first forward pass."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -118,6 +120,11 @@ def resolve_device(name: str | None, local_rank: int | None = None) -> torch.dev
         raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:1, ... or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if local_rank is None:
+        from .distributed import dist_info
+
+        info = dist_info()
+        local_rank = info.local_rank if info.world_size > 1 else None
     if dev.type == "cuda" and dev.index is None and local_rank is not None:
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
