@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from w2v2.distributed import DistInfo
+from w2v2.evaluate import Hypothesis, Utterance, evaluate, merge_results
 from w2v2.shard import balance, gather, my_share
 
 from .conftest import DATA, ROOT, read_manifest
@@ -57,6 +58,34 @@ def test_one_process_runs_everything_without_measuring_anything():
     assert my_share(["a", "b", "c"], never, DistInfo(0, 1)) == [0, 1, 2]
     assert my_share(["a", "bbb", "cc"], len, DistInfo(1, 2)) == [0, 2]  # "bbb" on rank 0, 2+1 on rank 1
     assert gather({"x": 1}) == [{"x": 1}]
+
+
+class TextEngine:
+    """A fixed hypothesis per path, whatever order it is asked in; each file lasts 1 s."""
+
+    name, case = "fixed", "upper"
+
+    def __init__(self, texts: dict[str, str]):
+        self.texts = texts
+
+    def transcribe(self, paths):
+        return [Hypothesis(self.texts[p], 1.0) for p in paths]
+
+
+def test_scores_of_the_parts_merge_into_the_whole_corpus_figures():
+    refs = ["the cat sat", "a dog", "on the mat today", "yes", "one two three four five"]
+    hyps = ["the cat sad", "a dog", "on mat", "no", "one two three four five six"]
+    utts = [Utterance(f"u{i}", r, seconds=len(r)) for i, r in enumerate(refs)]
+    engine = TextEngine({f"u{i}": h for i, h in enumerate(hyps)})
+    whole = evaluate(engine, utts)
+    split = balance([u.seconds for u in utts], 2)
+    merged = merge_results([(part, evaluate(engine, [utts[i] for i in part])) for part in split])
+    assert (merged.wer, merged.cer) == (whole.wer, whole.cer)
+    assert merged.wer == pytest.approx((1 + 0 + 2 + 1 + 1) / (3 + 2 + 4 + 1 + 5))  # total edits / total words
+    assert merged.wer != pytest.approx(sum(r.wer for _, r in [(p, evaluate(engine, [utts[i] for i in p]))
+                                                             for p in split]) / 2)  # not the mean of the parts
+    assert merged.utterances == whole.utterances  # back in manifest order
+    assert merged.audio_seconds == whole.audio_seconds == 5.0
 
 
 # --------------------------------------------------------------------------- real torchrun jobs
