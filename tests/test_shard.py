@@ -36,6 +36,7 @@ def test_balance_hand_computed():
     assert balance([1, 1, 1, 1], 2) == [[0, 2], [1, 3]]  # ties: lower index first, into the lower part
     assert balance([10, 1, 1, 1, 1], 3) == [[0], [1, 3], [2, 4]]  # one long file gets a process to itself
     assert balance([2.0], 3) == [[0], [], []]
+    assert balance([float("nan"), 3, float("inf"), -1, 2], 2) == [[1], [0, 2, 3, 4]]  # odd lengths count as 0
     assert balance([], 2) == [[], []]
     with pytest.raises(ValueError, match="parts must be at least 1"):
         balance([1.0], 0)

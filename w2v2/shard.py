@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import heapq
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -43,9 +44,11 @@ def balance(weights: Sequence[float], parts: int) -> list[list[int]]:
     Greedy longest-first: indices by decreasing weight (equal weights: lower index first) go one
     by one to the part with the least total so far (equal totals: the lower part). Each list is
     in increasing index order. Deterministic: the same weights give the same split everywhere.
+    A weight that is not a finite positive number (a manifest's ``nan``) counts as 0.
     """
     if parts < 1:
         raise ValueError(f"parts must be at least 1, got {parts}")
+    weights = [w if math.isfinite(w) and w > 0 else 0.0 for w in weights]
     loads = [(0.0, p) for p in range(parts)]  # a heap of (total weight, part)
     out: list[list[int]] = [[] for _ in range(parts)]
     for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):

@@ -31,8 +31,8 @@ from tqdm import tqdm
 from ..distributed import dist_info
 from ..errors import UsageError, UserError
 from ..fileio import OutputError, atomic_write_bytes, atomic_write_files, make_folder
-from ._options import add_shared
 from ..shard import gather, my_share
+from ._options import add_shared
 from ._shared import check_output_target, load_cli_model, nothing_more_can_be_written
 
 
@@ -53,7 +53,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..embed import embed, frame_shift, receptive_field, item_seconds, resolve_inputs, resolve_layers
+    from ..embed import embed, frame_shift, item_seconds, receptive_field, resolve_inputs, resolve_layers
 
     if args.output and args.format != "safetensors":
         raise UserError("--output writes one safetensors file; use --output-dir for --format npy")
