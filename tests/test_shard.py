@@ -223,3 +223,15 @@ def test_several_processes_refuse_standard_output(long_clips, tiny_model_dir, mo
     assert "several processes write files, not standard output: give an --output-dir" in capsys.readouterr().err
     assert main(["embed", long_clips[0], "--model", str(tiny_model_dir), "--output", "x.safetensors"]) == 2
     assert "several processes need --output-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two transcription jobs, one of them under torchrun
+def test_benchmark_quick_run_prints_both_rows(data_dir):
+    env = _env(W2V2_DATA=str(data_dir))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shard.py"), "--quick", "--args",
+                        " ".join(CHUNKING)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])}
+    assert set(rows) == {"1", "2"}, r.stdout
+    for row in rows.values():
+        assert float(row[1]) > 0 and float(row[2]) > 0 and row[-1] == "yes", r.stdout
