@@ -229,3 +229,106 @@ def test_repeated_paths_warn_and_header_only_is_a_problem(tmp_path, caplog):
     with pytest.raises(data.ManifestError, match="m.tsv: no rows"):
         data.list_entries([m])
     assert data.read_rows(m) == []  # the plain reader has no opinion about an empty table
+
+
+# ---------------------------------------------------------------------------- corpus scale
+def test_entry_table_holds_entries_exactly():
+    entries = [data.Entry("a/x.wav", 1.5, "s1", "HELLO"), data.Entry("/abs/y.flac"),
+               data.Entry("b/\udcff\udcfe.wav", 0.0, None, ""), data.Entry("c.wav", None, "s1", 'say "hi"\u00e9')]
+    table = data.EntryTable.from_entries(entries)
+    assert list(table) == entries and len(table) == 4 and table[-1] == entries[-1]
+    assert list(table[1:3]) == entries[1:3] and list(table.select([3, 0])) == [entries[3], entries[0]]
+    assert list(table.select(np.array([True, False, False, True]))) == [entries[0], entries[3]]
+    assert list(table.select([])) == []
+    both = data.EntryTable.concat([table, data.EntryTable.from_entries(entries[::-1])])
+    assert list(both) == entries + entries[::-1] and both.speakers == ["s1"]
+    assert table.total_seconds() == 1.5
+    with pytest.raises(IndexError):
+        table[4]
+
+
+def test_check_entries_probes_small_inputs_and_trusts_large_manifests(tmp_path, monkeypatch):
+    paths = write_clips(tmp_path, [0.5, 0.05])
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all" * 10)
+    entries = [data.Entry(str(p), seconds=0.5) for p in paths] + [data.Entry(str(tmp_path / "junk.wav"), 0.5),
+                                                                  data.Entry(str(paths[0]))]
+    good, bad = data.check_entries(entries, min_seconds=0.1)  # few durations: every file probed, as before
+    old_good, old_bad = data.validate_entries(entries, min_seconds=0.1)
+    assert list(good) == old_good and bad == old_bad and len(good) == 2
+
+    probed = []
+    real = data.check_file
+    monkeypatch.setattr("w2v2.manifest.check_file", lambda e, m: probed.append(e.path) or real(e, m))
+    entries.append(data.Entry(str(paths[1]), seconds=0.02))
+    good, bad = data.check_entries(entries, min_seconds=0.1, upfront_limit=3)
+    assert probed == [str(paths[0])]  # only the entry without a duration
+    assert [e.path for e in good] == [str(p) for p in paths] + [str(tmp_path / "junk.wav"), str(paths[0])]
+    assert bad == [(entries[-1], "too short (0.020 s < 0.100 s, says the manifest)")]
+
+
+def test_a_bad_file_is_found_when_read(tmp_path, caplog):
+    paths = write_clips(tmp_path, [0.3, 0.3, 3.0, 0.5])
+    table = data.check_entries(data.list_entries([tmp_path]), upfront_limit=0)[0]
+    table.seconds[2] = 0.4  # the manifest understates a file: its batch would overrun max_tokens
+    paths[0].write_bytes(b"garbage")
+    ds = data.AudioDataset(table, max_samples=None, min_seconds=0.35)
+    items = [ds[i] for i in range(4)]
+    assert [(it["index"], it["skipped"]) for it in items] == [(3, 3), (3, 2), (3, 1), (3, 0)]
+    assert data.Collate()(items)["skipped_files"] == 6
+    for path, reason in ((paths[0], "not an audio file"), (paths[1], "too short (0.300 s < 0.350 s)"),
+                         (paths[2], "lasts 3.00 s, its manifest says 0.40 s")):
+        assert f"skipping unreadable audio (using the next entry instead): {path}: {reason}" in caplog.text
+
+
+def test_batches_are_the_greedy_ones():
+    """Every batch is within budget (or a lone item), and the next item would not have fit: the
+    only partition the greedy rule can give, whatever the implementation."""
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        sizes = rng.integers(1, 60, size=int(rng.integers(0, 40))) * int(rng.choice([1, 100]))
+        order = np.argsort(-sizes, kind="stable")
+        budget, cap, crop = int(rng.integers(50, 400)) * (sizes.max(initial=1) // 60 + 1), \
+            rng.choice([None, 3]), bool(case % 2)
+        batches = data.make_batches(sizes.tolist(), budget, order.tolist(), cap, crop)
+        assert [i for b in batches for i in b] == order.tolist()
+
+        def cost(b):
+            return len(b) * (min if crop else max)(sizes[i] for i in b)
+
+        for b, after in zip(batches, batches[1:] + [None]):
+            assert len(b) == 1 or cost(b) <= budget and (cap is None or len(b) <= cap)
+            if after is not None:
+                assert cost(b + after[:1]) > budget or (cap is not None and len(b) >= cap)
+    sizes = [100, 90, 80, 50, 40, 10]  # by hand: 2 x 100 fits 200, 3 x 100 does not; 4 x 10 does
+    assert data.make_batches(sizes, 200, range(6)) == [[0, 1], [2, 3], [4, 5]]
+    assert data.make_batches(sizes, 200, range(6), crop_to_shortest=True) == [[0, 1], [2, 3, 4, 5]]
+
+
+def test_a_large_manifest_lists_in_bounded_memory_without_probing(tmp_path, monkeypatch):
+    """200 000 rows with durations: no file is opened, and the memory allocated while listing,
+    checking and planning an epoch stays within a bound derived from the table's layout."""
+    import tracemalloc
+
+    n, path, text = 200_000, "audio/clip000.wav", "SOME WORDS"
+    with open(tmp_path / "m.tsv", "w") as f:
+        f.write("path\tseconds\tspeaker\ttext\n")
+        f.writelines(f"{path}\t{1 + i % 7}.5\tspk{i % 100}\t{text}\n" for i in range(n))
+    monkeypatch.setattr("w2v2.manifest.check_file", lambda *a: pytest.fail("a file was probed"))
+    tracemalloc.start()
+    try:
+        entries = data.list_entries([tmp_path / "m.tsv"])
+        good, bad = data.check_entries(entries, min_seconds=1.0)
+        ds = data.AudioDataset(good, max_samples=250_000)
+        sampler = data.BucketBatchSampler(ds.sizes(), 1_400_000, crop_to_shortest=True)
+        batches = len(sampler)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(good) == n and not bad and batches >= n // 58  # 1.4M samples hold 58 of 1.5 s at most
+    # The layout: root index 4, path offset 8, seconds 8, speaker code 4, text offset 8, has-text 1
+    # bytes, plus the path and text bytes; the sampler keeps 16 (sizes, order) and 8 per batch.
+    layout = 33 + len(path) + len(text)
+    assert entries.nbytes == n * layout + 16  # the two offset arrays have one element more
+    assert held <= n * (layout + 16 + 8) + 2**20
+    # at most two copies of the table at once (builder and table), and sorting's temporaries
+    assert peak <= n * (2 * layout + 64) + 2**20, (peak / n, layout)

@@ -1,10 +1,12 @@
 """Training data: manifests and audio folders -> entries -> cropped waveforms -> padded batches.
 
     inputs (manifest .tsv files, folders of audio, audio files)
-      -> list_entries          -> [Entry(path, seconds, speaker, text)]; every bad line of every
-                                  manifest raises one ManifestError that lists them all
-      -> validate_entries      -> (good, bad): every file checked up front, bad ones listed and skipped
-      -> AudioDataset          -> {"index", "wav" (samples,), "text", "speaker"} decoded in DataLoader workers
+      -> list_entries          -> EntryTable of Entry(path, seconds, speaker, text) (``manifest.py``);
+                                  every bad line of every manifest raises one ManifestError
+      -> check_entries         -> (good, bad): files probed up front, or checked when first read
+                                  when the manifests give many durations (``manifest.py``)
+      -> AudioDataset          -> {"index", "wav" (samples,), "text", "speaker", "skipped"} decoded in
+                                  DataLoader workers; a bad file is skipped, logged and counted
       -> BucketBatchSampler    -> lists of (index, epoch) keys: batches of similar lengths filling
                                   ``max_tokens`` samples, shuffled per epoch with a seed, sharded per rank
       -> Collate               -> {"waveforms" (batch, samples) zero-padded, "lengths" (batch,), ...}
@@ -24,209 +26,22 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
-import os
 import signal
 import threading
+from array import array
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .audio import SAMPLE_RATE, AudioError, audio_duration, is_stream_path, list_audio_files, load_audio
-from .config import ConfigError
+from .audio import SAMPLE_RATE, AudioError, audio_duration, is_stream_path, load_audio
+from .manifest import (MANIFEST_SUFFIXES, UPFRONT_LIMIT, Entry, EntryTable, EntryTableBuilder,  # noqa: F401
+                       ManifestError, check_entries, check_file, list_entries, read_manifest, read_rows,
+                       validate_entries)
 
 log = logging.getLogger(__name__)
-
-MANIFEST_SUFFIXES = (".tsv",)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One utterance: an audio path (absolute or relative to the working directory) and what is known of it."""
-
-    path: str
-    seconds: float | None = None
-    speaker: str | None = None
-    text: str | None = None
-
-
-# ---------------------------------------------------------------------------- listing
-
-
-class ManifestError(ConfigError):
-    """Problems with training inputs (manifests, folders), all found before training: ``problems``
-    lists them one per line, ``<manifest>:<line>: <problem>``."""
-
-
-def read_manifest(path: str | os.PathLike, require_text: bool = False) -> list[Entry]:
-    """A manifest's entries (see :func:`read_rows`): optional columns ``seconds``, ``speaker``,
-    ``text`` (required when ``require_text``). Raises :class:`ManifestError` listing every bad line."""
-    entries, problems = _read_manifest(Path(path), require_text)
-    if problems:
-        raise ManifestError(problems)
-    return entries
-
-
-def read_rows(path: str | os.PathLike, required: Sequence[str] = ("path",)) -> list[dict[str, str]]:
-    """The rows of a manifest, as ``{column: text}`` dicts, every value exactly as written.
-
-    The one manifest format of w2v2, read here for every command, recipe and test: UTF-8 text
-    (a leading byte order mark is allowed), a header line naming the columns, then one row per
-    line, fields separated by tabs. There is no quoting: a ``"`` is an ordinary character, so a
-    field holds anything but a tab or a line break (as in fairseq's manifests). ``path`` is
-    relative to the manifest's folder, or absolute; ``seconds``, when given, is a non-negative
-    number. Blank lines are skipped; a row repeating an earlier row's ``path`` is kept with a
-    warning. Raises :class:`ManifestError` listing every problem of the file, one per line."""
-    rows, problems = _read_rows(Path(path), required)
-    if problems:
-        raise ManifestError(problems)
-    return [row for _, row in rows]
-
-
-def _read_rows(path: Path, required: Sequence[str]) -> tuple[list[tuple[int, dict]], list[str]]:
-    """((line number, row) for each good row, problems) of one manifest."""
-    rows: list[tuple[int, dict]] = []
-    problems: list[str] = []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = reader.fieldnames
-            if header is None or "path" not in header:
-                return [], [f"{path}: a manifest needs a tab-separated header with a 'path' column "
-                            f"(got {header}); expected e.g. 'path<TAB>seconds<TAB>speaker<TAB>text'"]
-            if len(set(header)) < len(header):
-                problems.append(f"{path}:1: repeated column names in the header {header}")
-            problems += [f"{path}: no {c!r} column (the header is {' '.join(header)})" for c in required
-                         if c not in header]
-            for row in reader:
-                problem = _row_problem(row, len(header))
-                if problem:
-                    problems.append(f"{path}:{reader.line_num}: {problem}")
-                else:
-                    rows.append((reader.line_num, row))
-    except UnicodeDecodeError as e:
-        problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is it really a manifest?")
-    except OSError as e:
-        problems.append(f"{path}: cannot read ({e.strerror or e})")
-    except csv.Error as e:
-        problems.append(f"{path}: not a tab-separated manifest ({e})")
-    _warn_repeated_paths(path, rows)
-    return rows, problems
-
-
-def _warn_repeated_paths(path: Path, rows: list[tuple[int, dict]]) -> None:
-    first: dict[str, int] = {}
-    repeats = []
-    for line, row in rows:
-        key = os.path.normpath(row["path"])
-        if key in first:
-            repeats.append(f"line {line} repeats line {first[key]}: {row['path']}")
-        first.setdefault(key, line)
-    if repeats:
-        shown = "; ".join(repeats[:3]) + ("; ..." if len(repeats) > 3 else "")
-        log.warning("%s: warning: %d row(s) repeat the path of an earlier row (%s); each counts as often as it "
-                    "is listed", path, len(repeats), shown)
-
-
-def _read_manifest(path: Path, require_text: bool) -> tuple[list[Entry], list[str]]:
-    rows, problems = _read_rows(path, ("path", "text") if require_text else ("path",))
-    entries = [Entry(path=str(path.parent / row["path"]), seconds=float(row["seconds"]) if row.get("seconds") else None,
-                     speaker=row.get("speaker") or None, text=row.get("text")) for _, row in rows]
-    if not rows and not problems:
-        problems.append(f"{path}: no rows (the manifest holds only its header)")
-    return entries, problems
-
-
-def _row_problem(row: dict, columns: int) -> str | None:
-    """What is wrong with one manifest row (from ``csv.DictReader``), or None."""
-    extra, missing = row.get(None), [k for k, v in row.items() if k is not None and v is None]
-    if extra or missing:
-        got = columns + len(extra or []) - len(missing)
-        return f"{got} tab-separated fields, the header has {columns}"
-    if not row["path"]:
-        return "empty path"
-    seconds = row.get("seconds")
-    if seconds:
-        try:
-            value = float(seconds)
-        except ValueError:
-            return f"seconds must be a number, got {seconds!r}"
-        if not math.isfinite(value) or value < 0:
-            return f"seconds must be a non-negative number, got {seconds!r}"
-    return None
-
-
-def list_entries(inputs: Sequence[str | os.PathLike], require_text: bool = False) -> list[Entry]:
-    """Manifests (``*.tsv``), folders (searched recursively for audio; a folder holding a
-    ``manifest.tsv`` uses it, so its transcripts come along) and single audio files -> entries.
-
-    ``require_text``: every input must be a manifest with a ``text`` column. Raises
-    :class:`ManifestError` listing every problem of every input."""
-    entries: list[Entry] = []
-    problems: list[str] = []
-    for item in map(str, inputs):
-        manifest = None
-        if item.endswith(MANIFEST_SUFFIXES):
-            if not os.path.isfile(item):
-                problems.append(f"{item}: no such manifest")
-                continue
-            manifest = item
-        elif os.path.isdir(item) and os.path.isfile(os.path.join(item, "manifest.tsv")):
-            manifest = os.path.join(item, "manifest.tsv")
-        elif require_text:
-            problems.append(f"{item}: not a manifest with transcripts (a .tsv file with 'path' and 'text' columns, "
-                            "or a folder holding one as manifest.tsv)")
-            continue
-        if manifest is not None:
-            found, bad = _read_manifest(Path(manifest), require_text)
-            entries.extend(found)
-            problems.extend(bad)
-        elif os.path.isdir(item):
-            found = list_audio_files([item])
-            if not found:
-                problems.append(f"{item}: no audio files found in this folder")
-            entries.extend(Entry(path=p) for p in found)
-        else:
-            entries.append(Entry(path=item))
-    if problems:
-        raise ManifestError(problems)
-    return entries
-
-
-def _check(entry: Entry, min_seconds: float) -> tuple[Entry, str | None]:
-    if is_stream_path(entry.path):
-        return entry, "a named pipe or device, not a regular file (training data is read many times)"
-    try:
-        seconds = audio_duration(entry.path)
-        if seconds is None:  # no duration in the header: decode to measure it
-            seconds = len(load_audio(entry.path)) / SAMPLE_RATE
-    except AudioError as e:
-        return entry, str(e).removeprefix(f"{entry.path}: ")
-    except OSError as e:
-        return entry, f"cannot read ({e.strerror or e})"
-    if seconds < min_seconds:
-        return entry, f"too short ({seconds:.3f} s < {min_seconds:.3f} s)"
-    return replace(entry, seconds=seconds), None
-
-
-def validate_entries(entries: Sequence[Entry], min_seconds: float = 0.0,
-                     threads: int = 8) -> tuple[list[Entry], list[tuple[Entry, str]]]:
-    """Check every file before training: it exists, is readable, has a decodable header, and
-    lasts at least ``min_seconds``. Returns ``(good, bad)``: good entries carry the duration read
-    from the file (which replaces a manifest's ``seconds``); bad ones come with the reason."""
-    good, bad = [], []
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for entry, reason in pool.map(lambda e: _check(e, min_seconds), entries):
-            (bad.append((entry, reason)) if reason else good.append(entry))
-    return good, bad
-
 
 # ---------------------------------------------------------------------------- dataset
 
@@ -247,26 +62,53 @@ class AudioDataset(Dataset):
     """Decodes entries to float32 16 kHz mono, cut to at most ``max_samples`` at a random offset.
 
     Keys are ints or ``(index, epoch)`` pairs (what :class:`BucketBatchSampler` yields): the crop
-    offset depends on ``(seed, epoch, index)`` only. A file that fails to decode mid-run (it passed
-    validation, then changed) is logged and replaced by the next entry, so training goes on.
-    Items are dicts ``{"index", "wav" (samples,) float32 tensor, "text", "speaker"}``.
+    offset depends on ``(seed, epoch, index)`` only. Each file is checked as it is read (not a
+    pipe or device, a readable header, at least ``min_seconds``, not much longer than its known
+    duration, decodable samples); one that fails is logged and replaced by the next entry, so
+    training goes on, and the item's ``skipped`` counts the files passed over.
+    Items are dicts ``{"index", "wav" (samples,) float32 tensor, "text", "speaker", "skipped"}``.
     """
 
     def __init__(self, entries: Sequence[Entry], max_samples: int | None = 250_000, seed: int = 0,
-                 sample_rate: int = SAMPLE_RATE):
-        self.entries = list(entries)
+                 sample_rate: int = SAMPLE_RATE, min_seconds: float = 0.0):
+        self.entries = EntryTable.from_entries(entries)
         self.max_samples = max_samples
         self.seed = seed
         self.sample_rate = sample_rate
+        self.min_seconds = min_seconds
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def sizes(self) -> np.ndarray:
+        """Estimated samples of every item after the ``max_samples`` crop (int64, from the known durations)."""
+        seconds = self.entries.seconds
+        n = np.where(np.isnan(seconds), self.max_samples or self.sample_rate,
+                     np.rint(np.nan_to_num(seconds) * self.sample_rate)).astype(np.int64)
+        return np.minimum(n, self.max_samples) if self.max_samples else n
+
     def num_samples(self, index: int) -> int:
-        """Estimated samples of an item after the ``max_samples`` crop (from its known duration)."""
-        seconds = self.entries[index].seconds
-        n = round(seconds * self.sample_rate) if seconds is not None else (self.max_samples or self.sample_rate)
+        """Estimated samples of one item after the ``max_samples`` crop (from its known duration)."""
+        seconds = self.entries.seconds[index]
+        n = round(seconds * self.sample_rate) if not np.isnan(seconds) else (self.max_samples or self.sample_rate)
         return min(n, self.max_samples) if self.max_samples else n
+
+    def read(self, entry: Entry) -> np.ndarray:
+        """The entry's samples, or :class:`AudioError` saying why the file cannot be used."""
+        if is_stream_path(entry.path):
+            raise AudioError(f"{entry.path}: a named pipe or device, not a regular file (training data is read "
+                             "many times)")
+        header = audio_duration(entry.path)
+        if header is not None and header < self.min_seconds:
+            raise AudioError(f"{entry.path}: too short ({header:.3f} s < {self.min_seconds:.3f} s)")
+        if header is not None and entry.seconds is not None and header > 1.1 * entry.seconds + 1:
+            # the batch was sized from the listed duration: a longer file would overrun max_tokens
+            raise AudioError(f"{entry.path}: lasts {header:.2f} s, its manifest says {entry.seconds:.2f} s")
+        wav = load_audio(entry.path, self.sample_rate)
+        if len(wav) < self.min_seconds * self.sample_rate:
+            raise AudioError(f"{entry.path}: too short ({len(wav) / self.sample_rate:.3f} s < "
+                             f"{self.min_seconds:.3f} s)")
+        return wav
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -274,16 +116,16 @@ class AudioDataset(Dataset):
             i = (index + attempt) % len(self.entries)
             entry = self.entries[i]
             try:
-                wav = load_audio(entry.path, self.sample_rate)
+                wav = self.read(entry)
                 break
-            except AudioError as e:
+            except (AudioError, OSError) as e:
                 log.warning("skipping unreadable audio (using the next entry instead): %s", e)
         else:
-            raise AudioError(f"{self.entries[index].path}: this and the next 9 entries failed to decode")
+            raise AudioError(f"{self.entries.path(index)}: this and the next 9 entries failed to decode")
         if self.max_samples:
             wav = random_crop(wav, self.max_samples, _rng(self.seed, epoch, i, 0))
         return {"index": i, "epoch": epoch, "wav": torch.from_numpy(np.ascontiguousarray(wav)),
-                "text": entry.text, "speaker": entry.speaker}
+                "text": entry.text, "speaker": entry.speaker, "skipped": attempt}
 
 
 # ---------------------------------------------------------------------------- batching
@@ -321,7 +163,8 @@ def padded_length(n: int) -> int:
 
 class Collate:
     """Items -> batch dict: ``waveforms`` (batch, samples) float32, ``lengths`` (batch,) long,
-    ``indices`` (batch,) long, and lists ``texts``, ``speakers``.
+    ``indices`` (batch,) long, lists ``texts``, ``speakers``, and ``skipped_files``, the unusable
+    files passed over to make the batch (the trainer counts them).
 
     ``crop_to_shortest=True`` cuts every item to the shortest of the batch at a random offset
     (seeded by ``(seed, epoch, index)``): no padding. Else items are zero-padded.
@@ -340,29 +183,40 @@ class Collate:
         waveforms, lengths = pad_waveforms(waves)
         return {"waveforms": waveforms, "lengths": lengths,
                 "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-                "texts": [it["text"] for it in items], "speakers": [it["speaker"] for it in items]}
+                "texts": [it["text"] for it in items], "speakers": [it["speaker"] for it in items],
+                "skipped_files": sum(it.get("skipped", 0) for it in items)}
+
+
+def batch_starts(sizes: np.ndarray, max_tokens: int, max_batch_size: int | None = None,
+                 crop_to_shortest: bool = False) -> np.ndarray:
+    """Greedy batches over ``sizes`` (in batch order, longest first), as boundaries: batch ``b``
+    is items ``starts[b]:starts[b + 1]`` (int64, ``starts[-1] == len(sizes)``). A batch grows while
+    its cost stays within ``max_tokens``: ``len * max size`` when padding, ``len * min size`` when
+    cropping to the shortest. An item larger than ``max_tokens`` alone makes a batch of one.
+    Memory: one int64 per batch (the sizes are read in slices, not as one list of ints)."""
+    starts = array("q", [0])
+    count, bound = 0, 0  # items and max (padding) or min (cropping) size of the current batch
+    for first in range(0, len(sizes), 1 << 16):
+        for j, s in enumerate(np.asarray(sizes[first:first + (1 << 16)]).tolist(), first):
+            new_bound = s if not count else (min(bound, s) if crop_to_shortest else max(bound, s))
+            if count and ((count + 1) * new_bound > max_tokens
+                          or (max_batch_size is not None and count >= max_batch_size)):
+                starts.append(j)
+                count, new_bound = 0, s
+            count += 1
+            bound = new_bound
+    starts.append(len(sizes))
+    out = np.frombuffer(starts, np.int64)
+    return out if len(sizes) else out[:1]
 
 
 def make_batches(sizes: Sequence[int], max_tokens: int, order: Sequence[int],
                  max_batch_size: int | None = None, crop_to_shortest: bool = False) -> list[list[int]]:
-    """Greedy batches over ``order`` (indices sorted by size, longest first) such that the batch's
-    cost stays within ``max_tokens``: ``len * max size`` when padding, ``len * min size`` when
-    cropping to the shortest. An item larger than ``max_tokens`` alone makes a batch of one."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    bound = 0  # max (padding) or min (cropping) size in ``current``
-    for i in order:
-        s = sizes[i]
-        new_bound = s if not current else (min(bound, s) if crop_to_shortest else max(bound, s))
-        full = max_batch_size is not None and len(current) >= max_batch_size
-        if current and ((len(current) + 1) * new_bound > max_tokens or full):
-            batches.append(current)
-            current, new_bound = [], s
-        current.append(i)
-        bound = new_bound
-    if current:
-        batches.append(current)
-    return batches
+    """Greedy batches over ``order`` (indices sorted by size, longest first), as lists of indices
+    (see :func:`batch_starts`, which says how they are cut)."""
+    order = np.asarray(order, dtype=np.int64)
+    starts = batch_starts(np.asarray(sizes, dtype=np.int64)[order], max_tokens, max_batch_size, crop_to_shortest)
+    return [order[a:b].tolist() for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
 
 
 class BucketBatchSampler(Sampler):
@@ -374,6 +228,10 @@ class BucketBatchSampler(Sampler):
     cut to a multiple of ``world_size`` so all ranks make the same number of steps).
     Yields lists of ``(index, epoch)`` keys for :class:`AudioDataset`. ``set_epoch(epoch, skip)``
     chooses the epoch and how many of this rank's batches to skip (resuming mid-epoch).
+
+    An epoch's plan is three int64 arrays (the sorted order, batch boundaries, this rank's batch
+    numbers), about 16 bytes per item, computed once per epoch; a batch's list is made when it
+    is yielded.
     """
 
     def __init__(self, sizes: Sequence[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0,
@@ -383,36 +241,45 @@ class BucketBatchSampler(Sampler):
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
-        self.sizes = list(sizes)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.max_batch_size, self.crop_to_shortest = max_batch_size, crop_to_shortest
         self.epoch, self.skip = 0, 0
+        self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(order, starts, mine)``: batch ``b`` is ``order[starts[b]:starts[b + 1]]``; this
+        rank's batches of ``epoch`` are ``mine``, in the order it takes them."""
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1:]
+        n = len(self.sizes)
+        order = _rng(self.seed, epoch, 7).permutation(n) if self.shuffle else np.arange(n)
+        order = order[np.argsort(-self.sizes[order], kind="stable")]
+        starts = batch_starts(self.sizes[order], self.max_tokens, self.max_batch_size, self.crop_to_shortest)
+        count = len(starts) - 1
+        mine = _rng(self.seed, epoch, 11).permutation(count) if self.shuffle else np.arange(count)
+        usable = count - count % self.world_size if self.world_size > 1 else count
+        mine = mine[self.rank:usable:self.world_size]
+        self._plan = (epoch, order, starts, mine)
+        return order, starts, mine
+
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch`` (indices only)."""
-        n = len(self.sizes)
-        if self.shuffle:
-            order = _rng(self.seed, epoch, 7).permutation(n)
-        else:
-            order = np.arange(n)
-        order = order[np.argsort(-np.asarray(self.sizes, dtype=np.int64)[order], kind="stable")]
-        batches = make_batches(self.sizes, self.max_tokens, order.tolist(), self.max_batch_size,
-                               self.crop_to_shortest)
-        if self.shuffle:
-            batches = [batches[i] for i in _rng(self.seed, epoch, 11).permutation(len(batches))]
-        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank:usable:self.world_size]
+        order, starts, mine = self.plan(epoch)
+        return [order[starts[b]:starts[b + 1]].tolist() for b in mine.tolist()]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches(self.epoch)[self.skip:]:
-            yield [(i, self.epoch) for i in batch]
+        epoch = self.epoch
+        order, starts, mine = self.plan(epoch)
+        for b in mine[self.skip:].tolist():
+            yield [(i, epoch) for i in order[starts[b]:starts[b + 1]].tolist()]
 
     def __len__(self) -> int:
-        return max(0, len(self.batches(self.epoch)) - self.skip)
+        return max(0, len(self.plan(self.epoch)[2]) - self.skip)
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

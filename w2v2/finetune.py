@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ import torch
 from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import load_model, random_init_config, save_pretrained
 from .config import option, redefault
-from .data import Collate, Entry
+from .data import Collate, Entry, EntryTable
 from .decoding import greedy_decode
 from .decoding.alignment import min_frames
 from .emissions import utterance_logits
@@ -196,22 +197,26 @@ def encode_text(text: str | None, vocab: Vocabulary, case: str | None) -> list[i
     return vocab.encode(normalize_text(text or "", case=case))
 
 
-def usable_entries(entries: list[Entry], vocab: Vocabulary, case: str | None,
-                   num_frames) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+def usable_entries(entries: Sequence[Entry], vocab: Vocabulary, case: str | None,
+                   num_frames) -> tuple[EntryTable, list[tuple[Entry, str]]]:
     """Drop utterances CTC cannot learn from: no text after normalisation, or audio too short
     for its transcript (fewer frames than characters plus repeats). ``num_frames(samples)``."""
-    good, bad = [], []
-    for e in entries:
-        targets = encode_text(e.text, vocab, case)
+    table = EntryTable.from_entries(entries)
+    samples = np.rint(np.nan_to_num(table.seconds) * SAMPLE_RATE).astype(np.int64)
+    frames = num_frames(torch.from_numpy(samples)).numpy()  # (entries,)
+    keep = np.ones(len(table), bool)
+    bad = []
+    for i, text in enumerate(table.texts()):
+        targets = encode_text(text, vocab, case)
         if not targets:
-            bad.append((e, "no transcript after normalisation"))
+            reason = "no transcript after normalisation"
+        elif frames[i] < min_frames(targets):
+            reason = f"{frames[i]} frames cannot hold {len(targets)} characters"
+        else:
             continue
-        frames = int(num_frames(torch.tensor([round((e.seconds or 0) * SAMPLE_RATE)]))[0])
-        if frames < min_frames(targets):
-            bad.append((e, f"{frames} frames cannot hold {len(targets)} characters"))
-            continue
-        good.append(e)
-    return good, bad
+        keep[i] = False
+        bad.append((table[i], reason))
+    return table.select(keep), bad
 
 
 class CTCCollate(Collate):
@@ -428,7 +433,7 @@ def _write_valid_csv(run_dir: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------- a run
-def read_data(train: list[str], valid: list[str]) -> tuple[list[Entry], list[Entry]]:
+def read_data(train: list[str], valid: list[str]) -> tuple[EntryTable, EntryTable]:
     """The entries of the ``train`` and ``valid`` manifests, which must have a ``text`` column.
     Raises :class:`w2v2.data.ManifestError` listing every problem of both at once."""
     from .data import ManifestError, list_entries
@@ -445,11 +450,12 @@ def read_data(train: list[str], valid: list[str]) -> tuple[list[Entry], list[Ent
     return out[0], out[1]
 
 
-def _checked_entries(entries: list[Entry], inputs: list[str], what: str) -> list[Entry]:
-    """Entries whose audio is usable (checked up front, the unusable ones listed); an error if none is."""
-    from .data import validate_entries
+def _checked_entries(entries: EntryTable, inputs: list[str], what: str) -> EntryTable:
+    """Entries whose audio is usable (checked up front or when first read, :func:`w2v2.data.check_entries`;
+    the unusable ones found up front listed); an error if none is."""
+    from .data import check_entries
 
-    good, bad = validate_entries(entries)
+    good, bad = check_entries(entries)
     for e, reason in bad[:20]:
         log.warning("%s: skipping %s: %s", what, e.path, reason)
     if len(bad) > 20:
@@ -459,7 +465,7 @@ def _checked_entries(entries: list[Entry], inputs: list[str], what: str) -> list
     return good
 
 
-def run_vocabulary(run_dir: Path, texts: list[str], case: str | None, resume: bool) -> Vocabulary:
+def run_vocabulary(run_dir: Path, texts: Iterable[str], case: str | None, resume: bool) -> Vocabulary:
     """The run's vocabulary: built from the training texts, or the one a resumed run saved."""
     from .text import build_vocabulary
 
@@ -489,7 +495,7 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
     run_dir = Path(run_dir)  # created by the trainer, once everything below has been checked
     train_entries, valid_entries = read_data(train, valid)
     train_entries = _checked_entries(train_entries, train, "train")
-    vocab = run_vocabulary(run_dir, [e.text or "" for e in train_entries], cfg.case, resume)
+    vocab = run_vocabulary(run_dir, (t or "" for t in train_entries.texts()), cfg.case, resume)
     model = init_model(init, vocab, **cfg.regularisation())
     freeze_feature_encoder(model, cfg.feature_grad_scale)
     train_entries, dropped = usable_entries(train_entries, vocab, cfg.case, model.num_frames)
@@ -506,12 +512,12 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
     if not valid_entries:
         raise ValueError(f"valid {' '.join(map(str, valid))}: no utterance has a transcript to score against")
     log.info("train: %d utterances, %.2f h; valid: %d utterances; vocabulary (%d): %s", len(train_entries),
-             sum(e.seconds for e in train_entries) / 3600, len(valid_entries), len(vocab),
+             train_entries.total_seconds() / 3600, len(valid_entries), len(vocab),
              "".join(t for t in vocab.tokens if len(t) == 1))
 
     info = dist_info()
     dataset = AudioDataset(train_entries, max_samples=None, seed=train_cfg.seed)
-    sampler = BucketBatchSampler([dataset.num_samples(i) for i in range(len(dataset))], cfg.max_tokens,
+    sampler = BucketBatchSampler(dataset.sizes(), cfg.max_tokens,
                                  seed=train_cfg.seed, rank=info.rank, world_size=info.world_size,
                                  max_batch_size=cfg.max_batch_size)
     loader = make_loader_factory(dataset, sampler, CTCCollate(vocab, cfg.case), cfg.num_workers)

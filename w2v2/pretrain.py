@@ -269,11 +269,12 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
 CONFIG_FILE = "pretrain_config.json"
 
 
-def prepare_data(inputs, cfg: RunConfig) -> tuple[list, list]:
-    """List and validate the audio of ``inputs`` (manifests, folders, files): ``(good, bad)``."""
-    from .data import list_entries, validate_entries
+def prepare_data(inputs, cfg: RunConfig) -> tuple:
+    """List and check the audio of ``inputs`` (manifests, folders, files): ``(good, bad)``
+    (:func:`w2v2.manifest.check_entries`: up front, or when first read for large manifests)."""
+    from .data import check_entries, list_entries
 
-    return validate_entries(list_entries(inputs), min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
+    return check_entries(list_entries(inputs), min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
 
 
 def build_trainer(entries, run_dir: str | os.PathLike, cfg: RunConfig, model: Wav2Vec2 | None = None, hooks=()):
@@ -292,8 +293,9 @@ def build_trainer(entries, run_dir: str | os.PathLike, cfg: RunConfig, model: Wa
     elif model.quantizer is None:
         raise ValueError("the model to continue pretraining has no quantizer")
     seed = cfg.train.seed
-    ds = AudioDataset(entries, max_samples=cfg.data.max_samples, seed=seed, sample_rate=cfg.model.sampling_rate)
-    sampler = BucketBatchSampler([ds.num_samples(i) for i in range(len(ds))], cfg.data.max_tokens, seed=seed,
+    ds = AudioDataset(entries, max_samples=cfg.data.max_samples, seed=seed, sample_rate=cfg.model.sampling_rate,
+                      min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
+    sampler = BucketBatchSampler(ds.sizes(), cfg.data.max_tokens, seed=seed,
                                  rank=info.rank, world_size=info.world_size, crop_to_shortest=True)
     loader = make_loader_factory(ds, sampler, Collate(crop_to_shortest=True, seed=seed), cfg.data.num_workers)
     train_cfg = cfg.train

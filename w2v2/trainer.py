@@ -319,6 +319,7 @@ class Trainer:
         self.epoch = 0
         self.batches_in_epoch = 0  # this rank's batches consumed in the current epoch
         self.skipped = 0
+        self.skipped_files = 0  # unusable files the loader passed over, over the whole run
         self._consecutive_skips = 0
         self._stop_local = False  # this rank wants to stop (signal, time limit)
         self._stop_agreed = False  # every rank stops after this update
@@ -396,7 +397,7 @@ class Trainer:
         """Backpropagate the summed losses of ``batches`` (this rank's micro-batches) and divide
         the gradients by the global sample size. Returns the reduced statistics."""
         sums = {}  # metric name -> sum of value * sample_size (this rank)
-        loss_total, size_total, audio_samples = 0.0, 0.0, 0.0
+        loss_total, size_total, audio_samples, skipped_files = 0.0, 0.0, 0.0, 0.0
         for i, batch in enumerate(batches):
             if self._layerdrop is not None:
                 # layerdrop skips the same layers on every rank: under FSDP a layer is a unit whose
@@ -415,14 +416,16 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v) * size
             if isinstance(batch, dict) and "lengths" in batch:
                 audio_samples += float(batch["lengths"].sum())
+            if isinstance(batch, dict):  # unusable files the loader passed over (data.AudioDataset)
+                skipped_files += float(batch.get("skipped_files", 0))
         names = sorted(sums)
         stats = torch.tensor([loss_total, size_total, audio_samples, float(self._stop_local),
-                              float(not math.isfinite(loss_total))] + [sums[k] for k in names],
+                              float(not math.isfinite(loss_total)), skipped_files] + [sums[k] for k in names],
                              dtype=torch.float64, device=self.device if self.info.world_size > 1 else "cpu")
         if self.info.world_size > 1:  # (float64 on the device only where needed: Apple MPS has none)
             dist.all_reduce(stats)
         stats = stats.tolist()
-        loss_total, size_total, audio_samples, stop, nonfinite = stats[:5]
+        loss_total, size_total, audio_samples, stop, nonfinite, skipped_files = stats[:6]
         # gradients now hold sum-loss gradients (averaged over ranks by DDP): make them per-unit
         self.scaler.unscale_(self.optimizer)
         factor = self.info.world_size / max(size_total, 1.0)
@@ -430,8 +433,9 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(factor)
         out = {"loss": loss_total / max(size_total, 1.0), "sample_size": size_total,
-               "audio_seconds": audio_samples / self.cfg.sample_rate, "stop": stop > 0, "nonfinite_loss": nonfinite > 0}
-        out.update({k: v / max(size_total, 1.0) for k, v in zip(names, stats[5:])})
+               "audio_seconds": audio_samples / self.cfg.sample_rate, "stop": stop > 0, "nonfinite_loss": nonfinite > 0,
+               "skipped_files": int(skipped_files)}
+        out.update({k: v / max(size_total, 1.0) for k, v in zip(names, stats[6:])})
         return out
 
     def _grad_norm(self) -> float:
@@ -470,6 +474,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         row = {"update": self.step, "epoch": self.epoch, "lr": lr, "grad_norm": grad_norm,
                "loss": stats["loss"], "skipped": int(skip)}
+        self.skipped_files += stats["skipped_files"]
         row.update({k: v for k, v in stats.items() if k not in ("loss", "stop", "nonfinite_loss", "audio_seconds")})
         row.update({"audio_seconds": stats["audio_seconds"], "seconds": elapsed,
                     "audio_sec_per_sec": stats["audio_seconds"] / max(elapsed, 1e-9)})
@@ -486,7 +491,8 @@ class Trainer:
         """The trainer state of a checkpoint; ``optimizer``: the optimizer's, gathered whole
         (under FSDP); ``rank_rng``: every rank's RNG state, in rank order (several processes)."""
         state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                 "skipped": self.skipped, "optimizer": self.optimizer.state_dict() if optimizer is None else optimizer,
+                 "skipped": self.skipped, "skipped_files": self.skipped_files,
+                 "optimizer": self.optimizer.state_dict() if optimizer is None else optimizer,
                  "scaler": self.scaler.state_dict(), "rng": rng_state(), "train_config": self.cfg.to_dict(),
                  "extra": json.dumps(self.extra_state), "train_seconds": self._elapsed_total(),
                  "world_size": self.info.world_size}
@@ -543,6 +549,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped = state["batches_in_epoch"], state["skipped"]
+        self.skipped_files = int(state.get("skipped_files", 0))
         saved_world = int(state.get("world_size", self.info.world_size))  # older checkpoints did not say
         rank_rng = state.get("rank_rng")
         self.extra_state = json.loads(state.get("extra", "{}"))
@@ -629,7 +636,7 @@ class Trainer:
                 signal.signal(s, h)
 
     def train(self, resume: bool | str | os.PathLike = False) -> dict:
-        """Train until ``max_updates``; returns ``{"step", "stopped_early", "checkpoint"}``.
+        """Train until ``max_updates``; returns ``{"step", "stopped_early", "checkpoint", "skipped_files"}``.
 
         ``resume``: True continues from ``run_dir/checkpoint_last`` when there is one (else a
         fresh start), a path continues from that checkpoint directory."""
@@ -687,7 +694,11 @@ class Trainer:
         if self._metrics is not None:
             self._metrics.close()
         self._iter = None
-        return {"step": self.step, "stopped_early": stopped_early, "checkpoint": path}
+        if self.skipped_files and self.info.is_main:
+            log.warning("%d unusable file(s) were skipped during training (their warnings name them)",
+                        self.skipped_files)
+        return {"step": self.step, "stopped_early": stopped_early, "checkpoint": path,
+                "skipped_files": self.skipped_files}
 
     def _time_is_up(self) -> bool:
         left = self._seconds_left()

@@ -79,7 +79,7 @@ def _run_config(args, run_dir: Path):
 def run(args) -> int:
     from ..checkpoint import load_model
     from ..config import ConfigError
-    from ..data import list_entries, validate_entries
+    from ..data import check_entries, list_entries
     from ..pretrain import build_trainer
     from ..distributed import dist_info, restart_hint
     from ..trainer import checkpoint_dirs
@@ -102,10 +102,10 @@ def run(args) -> int:
     cfg.data.inputs = [str(Path(p).resolve()) for p in args.data]
     main = dist_info().is_main
 
-    good, bad = validate_entries(entries, min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
+    good, bad = check_entries(entries, min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
     if main:
         report_bad(bad)
-        hours = sum(e.seconds for e in good) / 3600
+        hours = good.total_seconds() / 3600
         log.info("%d files (%.2f h) to train on, %d skipped", len(good), hours, len(bad))
     model = load_model(args.init, with_quantizer=True).train() if args.init else None
     if model is not None:
