@@ -111,3 +111,10 @@ def test_scale_costs_quick_run_counts_what_a_hand_computation_gives():
     per_second = float(counted["inference 30 s"][4]) * 1e9
     assert float(jobs[("transcribe, 10 k h", "BASE")][5]) == pytest.approx(10_000 * 3600 * 1.5 * per_second / 1e18,
                                                                           rel=1e-2), out
+
+
+def test_manifest_scale_quick_run(data_dir):
+    out = run("benchmarks/manifest_scale.py", "--sizes", "1200", "--quick", "--workers", "1", "--files", "3",
+              "--data", str(data_dir / "librispeech-unlabeled"))
+    rows = table_rows(out, "1200")
+    assert len(rows) == 1 and float(rows[0][4]) > 0 and float(rows[0][5]) > 0 and rows[0][7], out

@@ -175,6 +175,36 @@ def test_resume_is_exact(tmp_path):
     assert (tmp_path / "b" / "metrics.csv").read_text().count("\n") == 7  # header + 6 rows
 
 
+def test_a_bad_file_reached_mid_epoch_is_skipped_counted_and_resume_stays_exact(tmp_path, caplog):
+    """Checked when read (a large manifest's files are not probed up front): the broken file is
+    logged and replaced, the metrics count it, training goes on, and a resumed run still equals
+    an uninterrupted one, counts included."""
+    entries = clips(tmp_path)
+    table, bad = data.check_entries(entries, upfront_limit=0)
+    broken = table.path(2)
+    with open(broken, "wb") as f:
+        f.write(b"no longer audio")
+    assert len(table) == 6 and not bad
+    straight = model()
+    summary = Trainer(straight, frame_loss, factory(table), config(), tmp_path / "a").train()
+    assert f"skipping unreadable audio (using the next entry instead): {broken}: not an audio file" in caplog.text
+    rows_a = read_metrics(tmp_path / "a")
+    assert summary["skipped_files"] == sum(r["skipped_files"] for r in rows_a) >= 2  # read in each epoch
+
+    def interrupt(trainer, row):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    Trainer(model(), frame_loss, factory(table), config(), tmp_path / "b", hooks=[interrupt]).train()
+    resumed = model(seed=99)
+    result = Trainer(resumed, frame_loss, factory(table), config(), tmp_path / "b").train(resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    rows_b = read_metrics(tmp_path / "b")
+    assert [(r["loss"], r["skipped_files"]) for r in rows_a] == [(r["loss"], r["skipped_files"]) for r in rows_b]
+    assert result["skipped_files"] == summary["skipped_files"]
+
+
 def test_resume_with_changed_options_says_which(tmp_path, caplog):
     """Options that change the course of training (learning rate, schedule length, seed, ...) may
     change on resume, with a warning naming them; bookkeeping options (keep_last, ...) silently."""

@@ -99,16 +99,18 @@ class AudioDataset(Dataset):
             raise AudioError(f"{entry.path}: a named pipe or device, not a regular file (training data is read "
                              "many times)")
         header = audio_duration(entry.path)
-        if header is not None and header < self.min_seconds:
-            raise AudioError(f"{entry.path}: too short ({header:.3f} s < {self.min_seconds:.3f} s)")
-        if header is not None and entry.seconds is not None and header > 1.1 * entry.seconds + 1:
-            # the batch was sized from the listed duration: a longer file would overrun max_tokens
-            raise AudioError(f"{entry.path}: lasts {header:.2f} s, its manifest says {entry.seconds:.2f} s")
+        if header is not None:  # refused before decoding where the header tells
+            self._check_length(entry, header)
         wav = load_audio(entry.path, self.sample_rate)
-        if len(wav) < self.min_seconds * self.sample_rate:
-            raise AudioError(f"{entry.path}: too short ({len(wav) / self.sample_rate:.3f} s < "
-                             f"{self.min_seconds:.3f} s)")
+        self._check_length(entry, len(wav) / self.sample_rate)
         return wav
+
+    def _check_length(self, entry: Entry, seconds: float) -> None:
+        if seconds < self.min_seconds:
+            raise AudioError(f"{entry.path}: too short ({seconds:.3f} s < {self.min_seconds:.3f} s)")
+        if entry.seconds is not None and seconds > 1.1 * entry.seconds + 1:
+            # the batch was sized from the listed duration: a longer file would overrun max_tokens
+            raise AudioError(f"{entry.path}: lasts {seconds:.2f} s, its manifest says {entry.seconds:.2f} s")
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)

@@ -105,12 +105,12 @@ class EntryTable(Sequence):
         if isinstance(entries, EntryTable):
             return entries
         builder = EntryTableBuilder()
-        for e in entries:
-            builder.add(e.path, e.seconds, e.speaker, e.text)
+        builder.add_entries(entries)
         return builder.build()
 
     @classmethod
     def concat(cls, tables: Sequence["EntryTable"]) -> "EntryTable":
+        """One table holding the entries of ``tables``, in order."""
         tables = [t for t in tables if len(t)] or list(tables[:1]) or [EntryTableBuilder().build()]
         if len(tables) == 1:
             return tables[0]
@@ -218,6 +218,11 @@ class EntryTableBuilder:
             self.texts += _encode(text)
         self.text_ends.append(len(self.texts))
         self.has_text.append(text is not None)
+
+    def add_entries(self, entries: Iterable[Entry]) -> None:
+        """Every :class:`Entry` of ``entries`` (a reader of another manifest format), one at a time."""
+        for e in entries:
+            self.add(e.path, e.seconds, e.speaker, e.text)
 
     def relative_path(self, i: int) -> str:
         start = self.path_ends[i - 1] if i else 0
