@@ -7,6 +7,8 @@ Prints, per manifest size: seconds to list the manifest, to check the files, to 
 trainer (dataset, sampler, model), and to the end of the first update; the peak RSS of the
 trainer process and its growth per entry over a 1 000-entry run; the private memory (USS) of
 each DataLoader worker at the first update (forked workers share the entry table's pages).
+``--task finetune`` times ``w2v2.finetune.finetune`` the same way, to the end of its first
+update (the steps before it are not split; ``--data`` a set with transcripts).
 
     python benchmarks/manifest_scale.py                      # 10k, 100k, 1M
     python benchmarks/manifest_scale.py --sizes 2000 --quick # a smoke run
@@ -31,8 +33,8 @@ REFERENCE = 1000  # entries of the run whose peak RSS the others are compared wi
 
 def write_manifest(path: Path, entries: int, audio: Path, files: int) -> float:
     """A manifest of ``entries`` rows cycling over the first ``files`` rows of ``audio``'s own
-    manifest (paths relative to ``path``'s folder, through an ``audio`` link); returns the mean
-    path length in bytes."""
+    manifest (paths relative to ``path``'s folder, through an ``audio`` link; transcripts kept);
+    returns the mean path length in bytes."""
     rows = (audio / "manifest.tsv").read_text().splitlines()[1:files + 1]
     link = path.parent / "audio"
     if not link.exists():
@@ -41,8 +43,8 @@ def write_manifest(path: Path, entries: int, audio: Path, files: int) -> float:
     with open(path, "w") as f:
         f.write("path\tseconds\tspeaker\ttext\n")
         for i in range(entries):
-            p, seconds, speaker, _ = lines[i % len(lines)]
-            f.write(f"{p}\t{seconds}\t{speaker}\t\n")
+            p, seconds, speaker, text = lines[i % len(lines)]
+            f.write(f"{p}\t{seconds}\t{speaker}\t{text}\n")
     return sum(len(r[0]) for r in lines) / len(lines)
 
 
@@ -102,9 +104,40 @@ def child(manifest: str, run_dir: str, workers: int) -> dict:
             "peak_mb": _status_kb("VmHWM") / 1024, "worker_uss_mb": seen["uss"]}
 
 
-def run_child(src: Path, manifest: Path, run_dir: Path, workers: int, timeout: float) -> dict | None:
+def finetune_child(manifest: str, run_dir: str, workers: int) -> dict:
+    """One fine-tuning start-up, timed to the end of its first update (the validation set: the
+    manifest's first 3 rows)."""
+    import torch
+
+    from w2v2 import finetune as ft
+
+    torch.set_num_threads(1)
+    valid = Path(run_dir).parent / "valid.tsv"
+    with open(manifest) as f:
+        valid.write_text("".join(f.readline() for _ in range(4)))
+    seen = {}
+
+    class Trainer(ft.Trainer):  # the run's own trainer, with a hook timing its first update
+        def __init__(self, *args, hooks=(), **kw):
+            def first_update(trainer, row):
+                seen.setdefault("t", time.perf_counter())
+                seen.setdefault("uss", _worker_uss_mb())
+            super().__init__(*args, hooks=[*hooks, first_update], **kw)
+
+    ft.Trainer = Trainer
+    before_kb = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    ft.finetune("random:tiny", [manifest], [str(valid)], run_dir,
+                ft.FinetuneConfig(num_workers=workers, max_tokens=200_000, valid_interval=10**6),
+                ft.FinetuneTrainConfig(max_updates=1, progress=False, device="cpu", save_interval=10**6))
+    return {"first_update_s": seen["t"] - t0, "rss_before_mb": before_kb / 1024,
+            "peak_mb": _status_kb("VmHWM") / 1024, "worker_uss_mb": seen["uss"]}
+
+
+def run_child(src: Path, manifest: Path, run_dir: Path, workers: int, timeout: float, task: str) -> dict | None:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, __file__, "--child", str(manifest), str(run_dir), str(workers)],
+    proc = subprocess.run([sys.executable, __file__, "--task", task, "--child", str(manifest), str(run_dir),
+                           str(workers)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -115,6 +148,8 @@ def run_child(src: Path, manifest: Path, run_dir: Path, workers: int, timeout: f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain",
+                   help="the start-up timed (fine-tuning needs transcripts: --data a transcribed set)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--files", type=int, default=20, help="real files the manifests cycle over")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
@@ -127,7 +162,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         sys.path.insert(0, os.environ.get("PYTHONPATH", str(ROOT)))
-        print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]))))
+        run = child if args.task == "pretrain" else finetune_child
+        print(json.dumps(run(args.child[0], args.child[1], int(args.child[2]))))
         return
     with tempfile.TemporaryDirectory(prefix="manifest_scale_") as tmp:
         tmp = Path(tmp)
@@ -135,11 +171,11 @@ def main() -> None:
         for n in ([] if args.quick else [REFERENCE]) + args.sizes:
             manifest = tmp / f"m{n}.tsv"
             path_bytes = write_manifest(manifest, n, args.data, args.files)
-            results[n] = run_child(args.src, manifest, tmp / f"run{n}", args.workers, args.timeout)
+            results[n] = run_child(args.src, manifest, tmp / f"run{n}", args.workers, args.timeout, args.task)
             manifest.unlink()
         ref = results.get(REFERENCE)
-        print(f"\nw2v2 from {args.src.name}; {args.files} real files repeated, paths of {path_bytes:.0f} bytes, "
-              f"{args.workers} DataLoader workers, tiny model, 1 thread\n")
+        print(f"\n{args.task}, w2v2 from {args.src.name}; {args.files} real files repeated, paths of "
+              f"{path_bytes:.0f} bytes, {args.workers} DataLoader workers, tiny model, 1 thread\n")
         print("| entries | list (s) | check (s) | build (s) | first update (s) | peak RSS (MB) | "
               "bytes/entry over 1k | worker USS (MB) |")
         print("|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -149,7 +185,8 @@ def main() -> None:
                 print(f"| {n} | failed | | | | | | |")
                 continue
             growth = ((r["peak_mb"] - ref["peak_mb"]) * 2**20 / (n - REFERENCE)) if ref and n > REFERENCE else None
-            print(f"| {n} | {r['list_s']:.2f} | {r['check_s']:.2f} | {r['build_s']:.2f} | {r['first_update_s']:.2f} "
+            steps = " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("list_s", "check_s", "build_s"))
+            print(f"| {n} | {steps} | {r['first_update_s']:.2f} "
                   f"| {r['peak_mb']:.0f} | {'' if growth is None else f'{growth:.0f}'} | "
                   f"{', '.join(f'{u:.0f}' for u in r['worker_uss_mb'])} |")
 

@@ -73,3 +73,19 @@ def test_build_vocabulary_and_case():
     assert infer_case(Vocabulary.from_characters("123")) is None
     with pytest.raises(ValueError, match="no characters"):
         build_vocabulary(["?!"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=40), st.sampled_from(["upper", "lower", None]))
+def test_ascii_text_takes_the_fast_path_to_the_same_result(s, case):
+    from w2v2.text import _normalize_any
+
+    assert normalize_text(s, case) == _normalize_any(s, case)
+
+
+def test_ascii_fast_path_on_apostrophes_and_punctuation():
+    from w2v2.text import _normalize_any
+
+    for s in ["don't 'quote' ''x'' a'' ''b o`neil `tis 3,000 well-known", "'", "a'b'c", "\t x \x00y\x7f"]:
+        for case in ("upper", "lower", None):
+            assert normalize_text(s, case) == _normalize_any(s, case), (s, case)
