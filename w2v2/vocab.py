@@ -63,8 +63,9 @@ class Vocabulary:
         Raises ValueError naming the characters that have no token when there is no unk token.
         """
         chars = [self.word_delimiter if c == " " else c for c in text]
-        ids = [self._lookup.get(c) for c in chars]
-        if any(i is None for i in ids):
+        lookup = self._lookup  # once, not per character (fine-tuning encodes every transcript at start-up)
+        ids = [lookup.get(c) for c in chars]
+        if None in ids:
             if self.unk_index is None:
                 missing = sorted({c for c, i in zip(chars, ids) if i is None})
                 raise ValueError(f"characters not in the vocabulary: {missing}")

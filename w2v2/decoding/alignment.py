@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -12,8 +14,9 @@ from w2v2.vocab import Vocabulary
 
 def min_frames(targets) -> int:
     """Frames a CTC path for ``targets`` needs: one per token plus a blank between repeats."""
-    targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
-    return targets.numel() + int((targets[1:] == targets[:-1]).sum())
+    # plain ints: fine-tuning asks this of every transcript at start-up, a tensor each cost more
+    t = targets.reshape(-1).tolist() if isinstance(targets, torch.Tensor | np.ndarray) else list(targets)
+    return len(t) + sum(map(operator.eq, t, t[1:]))
 
 
 def ctc_forced_align(log_probs, targets, blank: int) -> torch.Tensor:
