@@ -433,9 +433,10 @@ def test_dropout_rate_scale_and_gradient():
     assert onednn.dropout(x, 0.1, False) is x
 
 
-@pytest.mark.parametrize("per_head_from", [1, 10**9])  # head by head / all heads at once
+@pytest.mark.parametrize("per_head_from,flash", [(1, False), (10**9, False), (1, True)],
+                         ids=["head by head", "all heads at once", "flash"])
 @pytest.mark.parametrize("dtype,u", [(torch.float32, FP32_U), pytest.param(torch.bfloat16, BF16_U, marks=pytest.mark.bf16)])
-def test_inference_attention_equals_sdpa(per_head_from, dtype, u):
+def test_inference_attention_equals_sdpa(per_head_from, flash, dtype, u):
     """Against float64 on the same operands, within the rounding bound of attention (error model
     of tests/helpers.py): scores s = q.k/sqrt(d) move by at most delta = (gamma_d + 2u) |q||k|/sqrt(d)
     (products, the scale, the scores' own rounding), so each probability by a factor within
@@ -448,7 +449,7 @@ def test_inference_attention_equals_sdpa(per_head_from, dtype, u):
     qd, kd, vd = q.double(), k.double(), v.double()
     ref = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=key_mask)
     with torch.inference_mode():
-        out = training.attention(q, k, v, key_mask, block=128, per_head_from=per_head_from)
+        out = training.attention(q, k, v, key_mask, block=128, per_head_from=per_head_from, flash=flash)
     s_abs = (qd.abs() @ kd.abs().mT / d ** 0.5).masked_fill(~key_mask, 0)  # (batch, heads, time, time)
     delta = dot_error_bound(s_abs, d) + 2 * u * s_abs
     p = torch.softmax((qd @ kd.mT / d ** 0.5).masked_fill(~key_mask, float("-inf")), -1)

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
@@ -51,14 +50,7 @@ def check_precision(name: str) -> str:
 @functools.cache
 def cpu_bf16_flags() -> tuple[str, ...]:
     """The bf16 matrix-multiply features this CPU reports in /proc/cpuinfo (empty when unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
+    flags = onednn.cpu_info()[1]
     return tuple(f for f in CPU_BF16_FLAGS if f in flags)
 
 

@@ -22,6 +22,7 @@ import functools
 import math
 import platform
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -37,6 +38,30 @@ def onednn_platform(machine: str | None = None) -> bool:
     against PyTorch's own ops. ARM CPUs (Apple silicon, Graviton) run PyTorch's own ops, which
     use other libraries there (Accelerate, Arm Compute Library)."""
     return (machine or platform.machine()).lower() in ("x86_64", "amd64")
+
+
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(vendor id, feature flags) of this CPU from /proc/cpuinfo; ("", empty) where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", frozenset()
+    vendor, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            vendor = value.strip()
+        elif key.strip() == "flags":
+            flags.update(value.split())
+    return vendor, frozenset(flags)
+
+
+def mkl_optimized() -> bool:
+    """Whether PyTorch's CPU kernels that call MKL (the flash attention kernel's float32 and
+    bf16 products among them) get MKL's optimized code: on Intel CPUs. Elsewhere MKL takes a
+    generic code path several times slower (docs/performance.md)."""
+    return torch.backends.mkl.is_available() and cpu_info()[0] == "GenuineIntel"
 
 
 # --------------------------------------------------------------------------- probes

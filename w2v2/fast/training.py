@@ -9,25 +9,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .onednn import (amx_unsafe, conv_time, conv_weight, gelu_, gelu_backward, keep_mask, linear, masked, mm,
-                     needs_grad, ok, softmax_backward)
+from .onednn import (amx_unsafe, conv_time, conv_weight, gelu_, gelu_backward, keep_mask, linear, masked, mkl_optimized,
+                     mm, needs_grad, ok, softmax_backward)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, dropout_p: float = 0.0,
-              block: int = 512, per_head_from: int = 1024) -> Tensor:
+              block: int = 512, per_head_from: int = 1024, flash: bool | None = None) -> Tensor:
     """softmax(q k^T / sqrt(head_dim)) v; q, k, v: (batch, heads, time, head_dim) -> (batch, time, heads * head_dim).
 
     key_mask: (batch, 1, 1, time) bool, True where attending is allowed. Without autograd on a
-    CPU: plain products and a softmax over blocks of ``block`` queries, in q's dtype with the
-    softmax accumulating in float32; all heads at once up to ``per_head_from`` frames (few, large
-    operations: robust when other processes compete for the cores), head by head with oneDNN
-    beyond, where a block of all heads' scores would spill out of cache. Both beat PyTorch's CPU
-    flash attention, whose bf16 kernel is no faster than its float32 one without AMX. With
-    autograd: :class:`AttentionTrain`; elsewhere SDPA."""
+    CPU: PyTorch's flash attention (SDPA) where ``flash`` (default: where its products get MKL's
+    optimized code, :func:`~w2v2.fast.onednn.mkl_optimized`), else plain products and a softmax
+    over blocks of ``block`` queries, in q's dtype with the softmax accumulating in float32; all
+    heads at once up to ``per_head_from`` frames (few, large operations: robust when other
+    processes compete for the cores), head by head with oneDNN beyond, where a block of all
+    heads' scores would spill out of cache. The flash kernel never writes the (time x time)
+    scores out and fuses the softmax into its products; with MKL's generic code (AMD CPUs) the
+    blocked products are faster all the same. With autograd: :class:`AttentionTrain`; elsewhere SDPA."""
     b, h, t, d = q.shape
     if needs_grad(q, k, v) and ok("linear", q, k, v):
         return AttentionTrain.apply(q, k, v, key_mask, dropout_p)
-    if dropout_p > 0 or needs_grad(q, k, v) or not ok("linear", q, k, v):
+    if flash is None:
+        flash = mkl_optimized()
+    if dropout_p > 0 or needs_grad(q, k, v) or flash or not ok("linear", q, k, v):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
         return y.transpose(1, 2).reshape(b, t, h * d)
     out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
