@@ -460,6 +460,20 @@ def test_inference_attention_equals_sdpa(per_head_from, flash, dtype, u):
     assert ok, f"attention error {ratio:.2f}x the bound"
 
 
+@pytest.mark.parametrize("intel", [True, False])
+def test_inference_attention_takes_flash_kernel_where_mkl_is_optimized(intel, monkeypatch):
+    """Without autograd the flash kernel (SDPA) runs where MKL has its optimized code, the blocked
+    oneDNN products elsewhere (SDPA also wherever oneDNN does not apply)."""
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(training, "mkl_optimized", lambda: intel)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    q, k, v = torch.randn(3, 1, 2, 20, 8).unbind(0)
+    with torch.inference_mode():
+        out = training.attention(q, k, v)
+    assert len(calls) == int(intel or not onednn.ok("linear", q))
+    assert max_diff(out, sdpa(q, k, v).transpose(1, 2).reshape(1, 20, 16)) < 1e-5
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_training_attention_gradients_with_dropout(padded, monkeypatch):
     """AttentionTrain (head by head, dropout on the probabilities) equals the textbook formula in

@@ -8,8 +8,8 @@ otherwise runs the plain forward.
 
 What it does, by precision and platform:
 
-* everywhere: the restructured feature encoder, fused projections, blocked attention, and in
-  bfloat16 weights cast once and cached (:func:`clear_cache` frees them);
+* everywhere: the restructured feature encoder, fused projections, attention by the faster kernel
+  for the CPU, and in bfloat16 weights cast once and cached (:func:`clear_cache` frees them);
 * on x86 CPUs: oneDNN products and convolutions (:mod:`w2v2.fast.onednn`), with training kernels
   for their backward passes (:mod:`w2v2.fast.training`); each private operator is probed once and
   replaced by its public counterpart when missing or changed;

@@ -8,8 +8,8 @@ memory, and calling the parent's plain forward wherever it does not apply (:func
   autograd in chunks of time, so the early, 64-fold oversampled activations never exist for the
   whole input.
 * A Transformer layer projects q, k and v as one product, fuses GELU and the residual adds into
-  the products (oneDNN post-ops on the CPU), runs attention in blocks (head by head for long
-  inputs), and draws dropout masks cheaply.
+  the products (oneDNN post-ops on the CPU), runs attention by PyTorch's flash kernel or in
+  blocks (:func:`~w2v2.fast.training.attention` picks by CPU), and draws dropout masks cheaply.
 * In bfloat16 the weights are cast once and cached until they change; activations stay bfloat16
   end to end, with norms and softmax accumulating in float32 inside their kernels.
 """
@@ -180,7 +180,7 @@ class FastPositionalConvEmbedding(PositionalConvEmbedding):
 
 class FastEncoderLayer(EncoderLayer):
     """:class:`EncoderLayer` with q/k/v as one product, GELU and the residual adds fused into the
-    products where no dropout sits between, and blocked attention (:func:`attention`)."""
+    products where no dropout sits between, and attention by :func:`attention`."""
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         dtype = compute_dtype(x)
