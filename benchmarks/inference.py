@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--fast", default="auto", choices=("auto", "fp32", "bf16"), help="precision of the fast path")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="rows to run (default all; transformers fp32 always runs: the reference)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -109,11 +111,12 @@ def main() -> None:
         hf, ours = harness.model_pair(tmp, None if args.model else harness.hf_config("base"), args.model)
         model_dir = args.model or tmp
         fast_dtype = precision.resolve(args.fast, "cpu")
-        onnx = onnx_model(ours, tmp, args.threads)
+        variants = [v for v in VARIANTS if v in args.variants or v == "transformers fp32"]
+        onnx = onnx_model(ours, tmp, args.threads) if any(v.startswith("onnx") for v in variants) else None
         rows, flop_lines = [], []
         for seconds in args.lengths:
             x = harness.speech(seconds)
-            fns = runners(hf, ours, x, args.fast, onnx)
+            fns = {k: f for k, f in runners(hf, ours, x, args.fast, onnx).items() if k in variants}
             logits = {name: f() for name, f in fns.items()}  # also the warm-up pass
             times = harness.interleaved(fns, repeats, warmup=0, clock=args.clock)
             flops = harness.forward_flops(ours.config, x.shape[1])
@@ -121,7 +124,7 @@ def main() -> None:
             flop_lines.append(f"{seconds:g} s: {total / 1e9:.0f} GFLOP (" +
                               ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items()) + ")")
             ref = logits["transformers fp32"]
-            for name in VARIANTS:
+            for name in variants:
                 bf16 = "bf16" in name or (name == "ours fast" and fast_dtype == torch.bfloat16)
                 gflops = total / times[name] / 1e9
                 mem = "-"
