@@ -2,6 +2,7 @@
 
     python benchmarks/forward_ops.py --threads 1            # BASE, random weights, 10 s and 60 s, bf16 and fp32
     python benchmarks/forward_ops.py --lengths 60 --precisions bf16
+    python benchmarks/forward_ops.py --preset tiny --lengths 1 --repeats 1   # the script itself, in seconds
 
 Two tables per run. **Attention kernels**: the whole pass with each attention kernel of
 ``w2v2.fast.training.attention`` (PyTorch's flash kernel, and the blocked oneDNN products),
@@ -44,8 +45,8 @@ def kind_of(name: str, shapes: list, e: int, i: int) -> str:
             return "feature encoder"
         return {(3 * e, e): "q/k/v projection", (e, e): "output projection", (i, e): "FFN in (GELU)",
                 (e, i): "FFN out (+residual)"}.get(tuple(w), "feature projection")
-    if name == "mkldnn::_convolution_pointwise":
-        return "positional conv" if shapes[1][-1] > 16 else "feature encoder"
+    if name == "mkldnn::_convolution_pointwise":  # (batch, channels, 1, time), (out, in / groups, 1, kernel)
+        return "positional conv" if shapes[1][1] < shapes[0][1] else "feature encoder"
     if name == "aten::native_layer_norm":
         return "layer norms"
     return "other (copies, GELU, ...)"
@@ -99,12 +100,13 @@ def per_kind(run, kind) -> tuple[dict[str, float], float]:
 
 
 def op_rows(label: list[str], secs: dict[str, float], cpu: float, flops: dict[str, float], kinds, peak: float):
+    """Table rows; no rate for kinds under 1% of the pass, where the profiler's resolution decides."""
     rows = []
     for k in kinds:
         s, fl = secs.get(k, 0.0), flops.get(k)
+        rate = fl and s > 0.01 * cpu
         rows.append(label + [k, f"{s:.3f}", f"{100 * s / cpu:.0f}%", "-" if not fl else f"{fl / 1e9:.1f}",
-                             "-" if not fl or not s else f"{fl / s / 1e9:.0f}",
-                             "-" if not fl or not s else f"{100 * fl / s / 1e9 / peak:.0f}%"])
+                             f"{fl / s / 1e9:.0f}" if rate else "-", f"{100 * fl / s / 1e9 / peak:.0f}%" if rate else "-"])
     return rows
 
 
@@ -114,13 +116,14 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32"))
     p.add_argument("--repeats", type=int, default=3, help="timed passes per attention kernel (median)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preset", default="base", help="model config (random weights)")
     p.add_argument("--transformers", action="store_true", help="also transformers' fp32 forward by operation")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load_before = harness.load_average()
     peak = harness.matmul_peak(clock="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        hf, ours = harness.model_pair(tmp, harness.hf_config("base"))
+        hf, ours = harness.model_pair(tmp, harness.hf_config(args.preset))
     cfg = ours.config
     kernel_rows, rows, tf_rows = [], [], []
     for seconds in args.lengths:
@@ -154,7 +157,7 @@ def main() -> None:
             secs, cpu = per_kind(tf, lambda name, shapes: tf_kind_of(name))
             tf_rows += op_rows([f"{seconds:g} s", f"{cpu:.3f}"], secs, cpu, tf_kind_flops(cfg, x.shape[1]), TF_KINDS,
                                peak["fp32"])
-    print(f"# w2v2 forward by operation: BASE, random weights, batch 1, real speech; torch {torch.__version__}, "
+    print(f"# w2v2 forward by operation: {args.preset}, random weights, batch 1, real speech; torch {torch.__version__}, "
           f"threads {args.threads}, CPU time")
     print(f"matmul peak (2048^3, best of): fp32 {peak['fp32']:.0f} GFLOP/s [{peak['fp32 detail']}], "
           f"bf16 {peak['bf16']:.0f} GFLOP/s [{peak['bf16 detail']}]")

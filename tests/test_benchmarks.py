@@ -56,6 +56,16 @@ def test_overhead_benchmark_quick_run():
     assert all(float(r[0]) > 0 and int(r[2]) > 100 for r in rows.values()), out
 
 
+def test_forward_ops_benchmark_tiny_run():
+    out = run("benchmarks/forward_ops.py", "--preset", "tiny", "--lengths", "1", "--repeats", "1", "--transformers")
+    kernels = table_rows(out, "1 s")[:4]
+    assert [r[1:3] for r in kernels] == [["bf16", "flash (SDPA)"], ["bf16", "blocked oneDNN"], ["fp32", "flash (SDPA)"],
+                                         ["fp32", "blocked oneDNN"]], out
+    ops = [r for r in table_rows(out, "1 s") if r[1] in ("bf16", "fp32") and r[2] not in ("flash (SDPA)", "blocked oneDNN")]
+    assert len(ops) == 20 and sum(float(r[3]) for r in ops) > 0, out
+    assert "transformers fp32, one profiled pass" in out
+
+
 def test_serve_load_quick_run_prints_both_phases(data_dir):
     pytest.importorskip("fastapi")
     out = run("benchmarks/serve_load.py", "--quick", "--seconds", "4", "--threads", "1")
