@@ -60,7 +60,7 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 def mkl_optimized() -> bool:
     """Whether PyTorch's CPU kernels that call MKL (the flash attention kernel's float32 and
     bf16 products among them) get MKL's optimized code: on Intel CPUs. Elsewhere MKL takes a
-    generic code path several times slower (docs/performance.md)."""
+    slower generic code path (docs/performance.md)."""
     return torch.backends.mkl.is_available() and cpu_info()[0] == "GenuineIntel"
 
 
