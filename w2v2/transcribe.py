@@ -13,17 +13,19 @@ documents, with word and character timestamps (20 ms frames) and word confidence
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import __version__
-from .decoding import BeamSearchDecoder, DecodedText, align_text, greedy_decode_path, segment_words
+from .decoding import BeamSearchDecoder, DecodedText, align_text, greedy_decode_path, join_decoded, segment_words
 from .emissions import AudioInput, Emissions, compute_emissions, plan_chunks
 from .model import Wav2Vec2
 from .onnx import for_precision
 from .precision import check_precision, resolve_device, resolve_precision
+from .vad import RegionSplit, load_vad
 
 BEAM_WINDOW_SECONDS = 30.0  # beam search and its alignment run on windows of at most this
 
@@ -39,7 +41,8 @@ class TranscribeOptions:
     8 on a GPU. ``device=None``:
     CUDA when available. ``precision``: ``auto`` (bf16 where the hardware multiplies it natively:
     CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; else fp32), ``fp32``, ``bf16`` or ``int8``
-    (through onnxruntime: :func:`w2v2.onnx.for_precision`).
+    (through onnxruntime: :func:`w2v2.onnx.for_precision`). ``vad``: run the model on the speech
+    regions Silero VAD finds (``w2v2.vad``; needs ``w2v2[vad]``) instead of the whole recording.
     """
 
     chunk_seconds: float = 30.0
@@ -54,6 +57,7 @@ class TranscribeOptions:
     max_segment_chars: int = 80
     max_segment_seconds: float = 10.0
     pause_seconds: float = 0.5
+    vad: bool = False
 
     def __post_init__(self) -> None:
         numbers = {"chunk_seconds": self.chunk_seconds, "stride_seconds": self.stride_seconds, "alpha": self.alpha,
@@ -100,6 +104,7 @@ class Transcriber:
         self.model_name = model_name
         self.plan = plan_chunks(options.chunk_seconds, options.stride_seconds, model.config)
         self.frame_seconds = model.config.frame_stride / model.config.sampling_rate
+        self._vad = load_vad() if options.vad else None
         self._beam = None
         if options.decoder == "beam":
             self._beam = BeamSearchDecoder(model.vocab, options.lm, options.alpha, options.beta,
@@ -120,6 +125,9 @@ class Transcriber:
                         ) -> Iterator[tuple[object, dict | BaseException]]:
         """``(key, result)`` for every ``(key, audio)``, in order; ``(key, exception)`` for an
         input that failed (the others go on)."""
+        if self._vad is not None:
+            yield from self._transcribe_speech(inputs, on_progress)
+            return
         for key, em in self.emissions(inputs, keep_log_probs=self._beam is not None, on_progress=on_progress):
             if isinstance(em, BaseException):
                 yield key, em
@@ -129,6 +137,42 @@ class Transcriber:
             except Exception as e:  # e.g. a decoding failure: this input only
                 result = e
             yield key, result
+
+    def _transcribe_speech(self, inputs: Iterable[tuple[object, AudioInput]],
+                           on_progress: Callable[[object, float], None] | None = None
+                           ) -> Iterator[tuple[object, dict | BaseException]]:
+        """``transcribe_many`` on the speech regions of each input (``vad.RegionSplit``): each region is
+        decoded alone, its times moved to the recording's, and its words make segments of their own."""
+        split = RegionSplit(inputs, self._vad, self.plan.frame_stride, self.options.chunk_seconds)
+        progress = None if on_progress is None else (lambda part, seconds: on_progress(part.key, seconds))
+        parts = self.emissions(split.sources(), keep_log_probs=self._beam is not None, on_progress=progress)
+        for part, em in itertools.chain(parts, [(None, None)]):
+            if part is not None:
+                try:
+                    split.add(part, em if isinstance(em, BaseException) else (self.decode(em), em.frames))
+                except Exception as e:  # e.g. a decoding failure: this input only
+                    split.add(part, e)
+            for key, regions, samples, error in split.finished():
+                failed = error or next((r for _, r in regions if isinstance(r, BaseException)), None)
+                if on_progress is not None and failed is None:  # the silence, skipped
+                    run = sum(n for _, (_, n) in regions)
+                    on_progress(key, max(0, samples // self.plan.frame_stride - run) * self.frame_seconds)
+                yield key, failed if failed is not None else self._speech_result(regions, samples)
+
+    def _speech_result(self, regions: list[tuple[int, tuple[DecodedText, int]]], samples: int) -> dict:
+        """The result of a recording from its regions' ``(first sample, (decoded, frames))``."""
+        em = Emissions()  # what the result's metadata reads: the recording's length, the frames run
+        em.samples, em.frames = samples, sum(frames for _, (_, frames) in regions)
+        fs = self.plan.frame_stride
+        decoded = [d for _, (d, _) in regions]
+        joined = join_decoded([(start // fs, d) for start, (d, _) in regions], self.frame_seconds,
+                              self.model.vocab.word_delimiter_index)
+        bounds = list(itertools.accumulate((len(d.words) for d in decoded), initial=0))
+        groups = [joined.words[a:b] for a, b in itertools.pairwise(bounds)]
+        result = self.result(joined, em, task="transcribe", word_groups=groups)
+        result["metadata"]["speech"] = [[_ms(start // fs * self.frame_seconds), _ms((start // fs + n) * self.frame_seconds)]
+                                        for start, (_, n) in regions]
+        return result
 
     def decode(self, em: Emissions) -> DecodedText:
         if self._beam is None:
@@ -151,11 +195,13 @@ class Transcriber:
         return self.result(decoded, em, task="align")
 
     # ------------------------------------------------------------------ results
-    def result(self, decoded: DecodedText, em: Emissions, task: str) -> dict:
-        """The writers' result dict: text, segments with words (and their characters), metadata."""
+    def result(self, decoded: DecodedText, em: Emissions, task: str, word_groups: list[list] | None = None) -> dict:
+        """The writers' result dict: text, segments with words (and their characters), metadata.
+        ``word_groups``: ``decoded.words`` in groups that no segment spans (speech regions)."""
         o = self.options
         words = _words_with_chars(decoded)
-        segments = segment_words(decoded.words, o.max_segment_chars, o.max_segment_seconds, o.pause_seconds)
+        segments = [s for group in ([decoded.words] if word_groups is None else word_groups)
+                    for s in segment_words(group, o.max_segment_chars, o.max_segment_seconds, o.pause_seconds)]
         by_id = {id(w): d for w, d in zip(decoded.words, words)}
         return {
             "text": decoded.text,

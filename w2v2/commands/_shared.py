@@ -31,6 +31,8 @@ FIELD_HELP = {
     "max_segment_chars": "subtitle segments: at most this many characters",
     "max_segment_seconds": "subtitle segments: at most this long",
     "pause_seconds": "a longer silence between words starts a segment",
+    "vad": "run the model on the speech regions Silero VAD finds, not the whole recording: silence costs nothing, "
+           "segments never span a pause between regions (needs: pip install 'w2v2[vad]')",
 }
 
 

@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(parser)
     add_fields(parser.add_argument_group("segments (verbose_json, srt, vtt)"), TranscribeOptions, SEGMENT_FIELDS,
                help=FIELD_HELP)
+    add_fields(parser, TranscribeOptions, ("vad",), help=FIELD_HELP)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes the server to the network (set an --api-key)")

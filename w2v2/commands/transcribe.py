@@ -12,8 +12,9 @@ from pathlib import Path
 from ..distributed import dist_info
 from ..fileio import OutputError
 from ..shard import gather, my_share, probe_seconds
-from ._options import add_shared
-from ._shared import (UsageError, add_decoding_arguments, add_model_arguments, add_output_arguments,
+from ..transcribe import TranscribeOptions
+from ._options import add_fields, add_shared
+from ._shared import (FIELD_HELP, UsageError, add_decoding_arguments, add_model_arguments, add_output_arguments,
                       check_output_arguments, emit, failure_line, load_cli_model, nothing_more_can_be_written,
                       output_formats, output_problem, prepare_output_dir, transcribe_options)
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_output_arguments(parser, default_format="txt")
     add_decoding_arguments(parser)
+    add_fields(parser, TranscribeOptions, ("vad",), help=FIELD_HELP)
     add_shared(parser, "--skip-existing")
 
 
