@@ -1,18 +1,23 @@
 """Fixed chunking against --vad on a long recording built from real speech, side by side.
 
-    python benchmarks/vad.py [--utterances 80] [--snr 20 10] [--threads 1] [--data DIR]
+    python benchmarks/vad.py [--utterances 80] [--singles 60] [--threads 1] [--data DIR]
 
-The recording: held-out utterances of speechocean762 (the default model's dev speakers,
-``recipes/make_splits.py``), each trimmed of its own leading and trailing silence, joined with
-pauses of varied length (0.3 to 8 s), with pink noise over the whole recording at each
-``--snr`` (speech power over noise power, in dB; the data holds no recorded noise). The
-utterances' places and texts are known, so each engine's output is scored against them:
+The recordings: held-out utterances of speechocean762 (the default model's dev speakers,
+``recipes/make_splits.py``), each trimmed of its own leading and trailing silence (its 10 ms
+frames TRIM_DB below its loudest at either end), joined with pauses of varied length, with
+pink noise over the whole recording (the data holds no recorded noise) at a stated SNR (speech
+power over noise power). Three of them (:data:`SCENES`): pauses of 0.3 to 8 s at 20 and 10 dB,
+and dense speech (pauses of 0.3 to 1 s) at 20 dB. The utterances' places and texts are known,
+so each engine's output is scored against them:
 
 - CPU seconds of the transcription (``time.process_time``: the machine is shared);
 - subtitle cues (the SRT writer's), their durations, and cues that span a pause of 1 s or more;
 - words outside every utterance (their middle more than 0.1 s from any), and the error of each
   utterance's first word start and last word end against its boundaries (median, 90th percentile);
 - CER of the whole transcript against the utterances' texts in order.
+
+A second table runs ``--singles`` dev utterances each alone, as they are (with their own
+leading and trailing silence): how often --vad gives the same text, and both CERs.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's w2v2, not an installed one
 
 PAUSES = (0.3, 0.6, 1.0, 1.5, 2.5, 4.0, 8.0)  # seconds between utterances, drawn uniformly
+SCENES = (("pauses 0.3-8 s", 20.0, PAUSES), ("pauses 0.3-8 s", 10.0, PAUSES),
+          ("dense: pauses 0.3-1 s", 20.0, (0.3, 0.6, 1.0)))  # (name, SNR in dB, pauses)
 TRIM_DB = 35.0  # an utterance's edges quieter than its loudest 10 ms by this much are its own silence
 OUTSIDE_SECONDS = 0.1  # a word whose middle is further than this from every utterance is outside
 LONG_PAUSE = 1.0  # a cue over a pause this long is the kind of cue --vad avoids
@@ -132,23 +139,41 @@ def _quantiles(errors: list[float]) -> str:
 
 
 # --------------------------------------------------------------------------- main
-def transcribe_timed(model, path: Path, vad: bool, precision: str) -> tuple[dict, float]:
-    """The result of transcribing ``path`` and its CPU seconds (the VAD's loading included)."""
+def transcribe_timed(model, paths: list[Path], vad: bool, precision: str) -> tuple[list[dict], float]:
+    """The results of transcribing ``paths`` (one Transcriber) and the CPU seconds (the VAD's
+    loading included)."""
     from w2v2.transcribe import TranscribeOptions, Transcriber
 
     t0 = time.process_time()
-    (_, result), = Transcriber(model, TranscribeOptions(vad=vad, precision=precision, device="cpu"),
-                               model_name="default").transcribe_many([(None, str(path))])
-    if isinstance(result, BaseException):
-        raise result
-    return result, time.process_time() - t0
+    transcriber = Transcriber(model, TranscribeOptions(vad=vad, precision=precision, device="cpu"), model_name="default")
+    results = [r for _, r in transcriber.transcribe_many((None, str(p)) for p in paths)]
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results, time.process_time() - t0
+
+
+def singles_table(model, clips: list[tuple[Path, str]], precision: str) -> str:
+    from benchmarks.harness import markdown_table
+    from w2v2.evaluate import score as error_rates
+
+    refs = [t for _, t in clips]
+    rows, texts = [], {}
+    for vad in (False, True):
+        results, cpu = transcribe_timed(model, [p for p, _ in clips], vad, precision)
+        texts[vad] = [r["text"] for r in results]
+        rows.append(["--vad" if vad else "fixed 30 s chunks", f"{cpu:.1f}", f"{100 * error_rates(refs, texts[vad])[1]:.1f}"])
+    same = sum(a == b for a, b in zip(texts[False], texts[True]))
+    rows[1].append(f"{same} of {len(clips)}")
+    rows[0].append("")
+    return markdown_table(["each utterance alone", "CPU s", "CER %", "same text as fixed"], rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path(os.environ.get("W2V2_DATA", ROOT.parent / "shared" / "data")))
     p.add_argument("--utterances", type=int, default=80)
-    p.add_argument("--snr", type=float, nargs="+", default=[20.0, 10.0], help="dB; one recording per value")
+    p.add_argument("--singles", type=int, default=60, help="utterances transcribed one by one")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="fp32")
     args = p.parse_args()
@@ -164,27 +189,28 @@ def main() -> None:
     clips = dev_clips(args.data, args.utterances)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for snr in args.snr:
-            rec = build_recording(clips, snr)
-            path = Path(tmp) / f"snr{snr:g}.wav"
+        for i, (name, snr, pauses) in enumerate(SCENES):
+            rec = build_recording(clips, snr, pauses=pauses)
+            path = Path(tmp) / f"scene{i}.wav"
             sf.write(path, rec.audio, 16000, subtype="PCM_16")
             seconds = len(rec.audio) / 16000
             speech = sum(b - a for a, b in rec.spans)
-            print(f"recording at {snr:g} dB SNR: {seconds:.0f} s, {len(rec.spans)} utterances, "
-                  f"{speech:.0f} s of speech", file=sys.stderr)
-            transcribe_timed(model, path, False, args.precision)  # warm-up: first shapes, caches
+            label = f"{name}, {snr:g} dB: {seconds:.0f} s, {speech:.0f} s speech"
+            transcribe_timed(model, [path], False, args.precision)  # warm-up: first shapes, caches
             for vad in (False, True):
-                result, cpu = transcribe_timed(model, path, vad, args.precision)
+                (result,), cpu = transcribe_timed(model, [path], vad, args.precision)
                 s = score(result, rec)
-                rows.append([f"{seconds:.0f} s, {snr:g} dB", "--vad" if vad else "fixed 30 s chunks", f"{cpu:.1f}",
+                rows.append([label, "--vad" if vad else "fixed 30 s chunks", f"{cpu:.1f}",
                              f"{result['metadata']['frames'] * 0.02:.0f}", s["cues"],
                              f"{s['cue_mean']:.1f} / {s['cue_max']:.1f}", s["spanning"],
                              f"{s['outside']} of {s['words']}", s["start_err"], s["end_err"], f"{100 * s['cer']:.1f}"])
-    print(f"embedded default model, {args.precision}, {args.threads} thread(s), {len(clips)} utterances; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"embedded default model, {args.precision}, {args.threads} thread(s), {len(clips)} utterances per "
+          f"recording; load average {os.getloadavg()[0]:.1f}")
     print(markdown_table(["recording", "engine", "CPU s", "audio run (s)", "cues", "cue s mean / max",
                           f"cues over a pause ≥ {LONG_PAUSE:g} s", "words outside utterances",
                           "start error s (median / p90)", "end error s (median / p90)", "CER %"], rows))
+    print()
+    print(singles_table(model, dev_clips(args.data, args.singles), args.precision))
 
 
 if __name__ == "__main__":

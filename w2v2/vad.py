@@ -34,12 +34,12 @@ from .emissions import audio_blocks
 WINDOW = 512  # samples Silero scores at a time at 16 kHz (32 ms)
 THRESHOLD = 0.5  # Silero's default: a window above starts (or continues) speech
 NEG_THRESHOLD = 0.35  # Silero's default (THRESHOLD - 0.15): only below this is it a pause
-MIN_SILENCE_SECONDS = 0.3  # a pause at least this long ends a region: longer than a stop consonant's closure
+MIN_SILENCE_SECONDS = 0.5  # a pause at least this long ends a region: a breath between phrases, not a hesitation
 MIN_SPEECH_SECONDS = 0.25  # shorter bursts (a click, a breath) are no region: shorter than any word said alone
-PAD_SECONDS = 0.15  # audio kept on each side: word onsets and fading ends the detector scores low
+PAD_SECONDS = 0.3  # audio kept on each side: soft onsets and fading ends, and the lead-in the model was trained on
 MAX_REGION_SECONDS = 300.0  # bounds the audio held (19 MB of float32); longer regions are cut at a pause
 
-assert MIN_SILENCE_SECONDS >= 2 * PAD_SECONDS  # padded regions never overlap, and the right pad is read
+assert MIN_SILENCE_SECONDS >= PAD_SECONDS  # a region's right pad has been read when its end is known
 
 
 def load_vad():
@@ -80,11 +80,12 @@ def speech_regions(blocks: Iterable[np.ndarray], vad, frame_stride: int = 320,
     start = None  # first speech sample of the region in progress
     pause = None  # first sample of the pause in progress within the region
     longest = (0, 0)  # (length, middle sample) of the region's longest pause that speech followed
+    last_end = 0  # end of the previous region: a left pad stops there
 
     def cut(a: int, b: int) -> Region:
-        a = max(0, a - pad) // frame_stride * frame_stride
-        audio = np.concatenate(held)[a - held_from : min(b + pad, read) - held_from]
-        return Region(a, audio)
+        nonlocal last_end
+        a, last_end = max(a - pad, last_end) // frame_stride * frame_stride, min(b + pad, read)
+        return Region(a, np.concatenate(held)[a - held_from : last_end - held_from])
 
     for window, samples in _windows(blocks):
         p = float(vad(torch.from_numpy(window), SAMPLE_RATE))
