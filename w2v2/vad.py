@@ -21,6 +21,7 @@ model: nothing is downloaded.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ def load_vad():
         raise ImportError("--vad needs the silero-vad and onnxruntime packages: pip install 'w2v2[vad]'") from None
     finally:
         torch.set_num_threads(threads)  # importing silero_vad sets torch to one thread for the whole process
-    return load_silero_vad(onnx=True)
+    with warnings.catch_warnings():  # its loader uses importlib.resources.path, deprecated: not the user's concern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return load_silero_vad(onnx=True)
 
 
 @dataclass
