@@ -192,3 +192,45 @@ def test_cli_vad_and_missing_extra(clips, monkeypatch, capsys):
     assert err.strip().splitlines()[-1] == ("w2v2 transcribe: error: --vad needs the silero-vad and onnxruntime "
                                             "packages: pip install 'w2v2[vad]'"), err
     assert "Traceback" not in err
+
+
+def test_benchmark_runs_and_prints_both_engines(data_dir):
+    """benchmarks/vad.py end to end on a few utterances, so that a long run does not die on a script error."""
+    import os
+    import subprocess
+
+    from .conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "W2V2_DATA": str(data_dir)}
+    proc = subprocess.run([sys.executable, "benchmarks/vad.py", "--utterances", "2", "--singles", "2", "--repeats", "1"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " s speech " in line]
+    assert len(rows) == 6 and sum("--vad" in r for r in rows) == 3, proc.stdout
+    singles = [line for line in proc.stdout.splitlines() if line.startswith("| --vad ") and " of 2 " in line]
+    assert len(singles) == 1, proc.stdout
+
+
+def test_server_with_vad_answers_on_the_recordings_timeline(recording, tmp_path):
+    """``w2v2 serve --vad`` runs the same transcriber: an upload's words lie in its utterances."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import soundfile as sf
+
+    from w2v2.serve.process import ServerProcess
+
+    path = tmp_path / "recording.wav"
+    sf.write(path, recording.audio, SR, subtype="PCM_16")
+    server = ServerProcess("--vad", "--precision", "fp32", env={"OMP_NUM_THREADS": "1", "W2V2_API_KEY": ""})
+    try:
+        with open(path, "rb") as f:
+            answer = httpx.post(server.url + "/v1/audio/transcriptions", timeout=120,
+                                files={"file": ("recording.wav", f, "audio/wav")},
+                                data={"response_format": "verbose_json", "timestamp_granularities[]": "word"})
+    finally:
+        assert server.stop() == 0
+    assert answer.status_code == 200, answer.text
+    words = answer.json()["words"]
+    assert len(words) >= len(recording.spans)
+    for w in words:
+        assert any(s - EARLY <= w["start"] and w["end"] <= e + LATE for s, e in recording.spans), w
