@@ -108,9 +108,12 @@ def test_silence_and_noise_give_an_empty_transcript_without_running_the_model(mo
 
 def test_word_times_are_on_the_recordings_timeline(model, recording, one_thread):
     from w2v2.decoding.segments import subtitle_cues
-    from w2v2.transcribe import TranscribeOptions, transcribe
+    from w2v2.transcribe import TranscribeOptions, Transcriber
 
-    result = transcribe(model, recording.audio, TranscribeOptions(vad=True, precision="fp32"))
+    progress = []
+    transcriber = Transcriber(model, TranscribeOptions(vad=True, precision="fp32"))
+    (_, result), = transcriber.transcribe_many([("rec", recording.audio)], on_progress=lambda k, s: progress.append(s))
+    assert sum(progress) == pytest.approx(len(recording.audio) / SR, rel=0.01)  # speech run and silence skipped
     speech = result["metadata"]["speech"]
     words = [w for s in result["segments"] for w in s["words"]]
     assert len(speech) >= len(recording.spans) and len(words) >= len(recording.spans)
@@ -234,3 +237,15 @@ def test_server_with_vad_answers_on_the_recordings_timeline(recording, tmp_path)
     assert len(words) >= len(recording.spans)
     for w in words:
         assert any(s - EARLY <= w["start"] and w["end"] <= e + LATE for s, e in recording.spans), w
+
+
+def test_beam_search_decodes_each_region_too(model, recording, one_thread):
+    pytest.importorskip("pyctcdecode")
+    from w2v2.transcribe import TranscribeOptions, transcribe
+
+    result = transcribe(model, recording.audio, TranscribeOptions(vad=True, beam_width=8, precision="fp32"))
+    speech = result["metadata"]["speech"]
+    words = [w for s in result["segments"] for w in s["words"]]
+    assert result["metadata"]["decoder"] == "beam" and len(words) >= len(recording.spans)
+    assert result["text"] == " ".join(w["word"] for w in words)
+    assert all(any(a <= w["start"] <= w["end"] <= b for a, b in speech) for w in words), (words, speech)
