@@ -33,12 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import fast
 from .config import ModelConfig
+from .fast.layers import fold_group_norm
 from .fileio import atomic_write_bytes
 from .model import ModelOutput, Wav2Vec2
-from .modules import conv_output_lengths
+from .modules import FeatureEncoder, conv_output_lengths
 from .vocab import Vocabulary
 
 OPSET = 17  # LayerNormalization is an op from 17; onnxruntime's CPU and CUDA providers run it
@@ -58,6 +61,47 @@ class _CtcGraph(torch.nn.Module):
         return out.logits, out.lengths
 
 
+def windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """(batch, time, channels) -> (batch, frames, kernel * channels): the input of each frame of an
+    unpadded convolution, ordered (kernel position, channel). Static strided slices, so the graph
+    keeps a dynamic time axis (``Tensor.unfold`` does not export with one)."""
+    taps = [x[:, tau : tau - (kernel - 1) or None : stride] for tau in range(kernel)]
+    return torch.cat(taps, dim=-1)
+
+
+class _ConvsAsProducts(nn.Module):
+    """The feature encoder computed channels last, each convolution as one matrix product of its
+    input's windows: onnxruntime runs a ``MatMul`` with its GEMM, faster than its ``Conv`` on these
+    shapes, and :func:`quantize_onnx` can make it int8. Returns what ``FeatureEncoder.forward``
+    returns, (batch, channels, frames)."""
+
+    def __init__(self, encoder: FeatureEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.output_lengths = encoder.output_lengths
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = wav[:, :, None]  # (batch, samples, 1)
+        for layer in self.encoder.conv_layers:
+            conv = layer.conv
+            k, s = conv.kernel_size[0], conv.stride[0]
+            if lengths is not None:
+                lengths = conv_output_lengths(lengths, (k,), (s,))
+            if layer.norm_kind == "group":  # conv 0: the norm folded into per-utterance weights
+                u = windows(x, k, s)  # (batch, frames, kernel)
+                w, b = fold_group_norm(layer, u.double(), lengths, torch.float32)
+                x = F.gelu(u @ w.transpose(1, 2) + b[:, None])
+                continue
+            w = conv.weight.permute(2, 1, 0).reshape(k * conv.in_channels, conv.out_channels)  # (kernel*in, out)
+            x = windows(x, k, s) @ w  # (batch, frames, out)
+            if conv.bias is not None:
+                x = x + conv.bias
+            if layer.norm_kind == "layer":
+                x = layer.layer_norm(x)
+            x = F.gelu(x)
+        return x.transpose(1, 2)
+
+
 def export_onnx(model: Wav2Vec2, path: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write ``model`` (a CTC model) as an ONNX graph at ``path``, atomically; the model is unchanged."""
     if model.lm_head is None:
@@ -72,13 +116,64 @@ def export_onnx(model: Wav2Vec2, path: str | os.PathLike, opset: int = OPSET) ->
     with fast.disabled(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer warns about the Python checks it bakes in
         model.eval()
+        encoder = model.feature_extractor
+        model.feature_extractor = _ConvsAsProducts(encoder)
         try:
             _trace(model, example, buf, opset)
         finally:
+            model.feature_extractor = encoder
             model.train(was_training)
     path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, _finite_attention_masks(buf.getvalue()))
     return path
+
+
+def _finite_attention_masks(graph_bytes: bytes) -> bytes:
+    """The traced graph with each attention mask's -inf replaced by float32's lowest value and the
+    NaN guard after the softmax (``IsNaN`` -> ``Where`` over every score, which the exporter adds
+    for rows whose keys are all masked) removed: with a finite mask such a row (an item with no
+    valid frame) averages its values instead of giving NaN, and no other row changes (its masked
+    keys still get a weight of exactly 0). The guard is a pass over (batch, heads, frames, frames)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(graph_bytes)
+    nodes = model.graph.node
+    by_output = {o: n for n in nodes for o in n.output}
+    rename, drop = {}, set()
+    for n in nodes:
+        guard = by_output.get(n.input[0]) if n.op_type == "Where" and n.input else None
+        if guard is None or guard.op_type != "IsNaN" or guard.input[0] != n.input[2]:
+            continue
+        softmax = by_output.get(n.input[2])
+        add = by_output.get(softmax.input[0]) if softmax is not None and softmax.op_type == "Softmax" else None
+        if add is None or add.op_type != "Add":
+            continue
+        rename[n.output[0]] = n.input[2]
+        drop.update((id(n), id(guard)))
+        for name in add.input:
+            where = by_output.get(name)
+            if where is not None and where.op_type == "Where":
+                _make_finite(by_output.get(where.input[2]), numpy_helper)
+    kept = [n for n in nodes if id(n) not in drop]
+    for n in kept:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    for o in model.graph.output:
+        o.name = rename.get(o.name, o.name)
+    del nodes[:]
+    nodes.extend(kept)
+    return model.SerializeToString()
+
+
+def _make_finite(constant, numpy_helper) -> None:
+    """Set a ``Constant`` node holding -inf to float32's lowest finite value."""
+    if constant is None or constant.op_type != "Constant":
+        return
+    for attr in constant.attribute:
+        if attr.name == "value":
+            value = numpy_helper.to_array(attr.t)
+            if value.dtype == np.float32 and np.isneginf(value).all():
+                attr.t.CopyFrom(numpy_helper.from_array(np.full_like(value, np.finfo(np.float32).min), attr.t.name))
 
 
 def _trace(model: Wav2Vec2, example: tuple, buf: io.BytesIO, opset: int) -> None:
@@ -100,11 +195,20 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         logging.disable(logging.WARNING)  # its advice to pre-process applies to static quantization
         try:
             quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul"], per_channel=True,
-                             weight_type=QuantType.QInt8)
+                             weight_type=QuantType.QInt8, nodes_to_exclude=_feature_encoder_products(src))
         finally:
             logging.disable(logging.NOTSET)
         atomic_write_bytes(dst, out.read_bytes())
     return dst
+
+
+def _feature_encoder_products(path: str | os.PathLike) -> list[str]:
+    """The feature encoder's ``MatMul`` nodes in graph ``path``: its convolutions stay float32 in
+    int8, since int8 activations there cost too much accuracy (docs/deploy.md)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "MatMul" and "/feature_extractor/" in n.name]
 
 
 def for_precision(model, precision: str):

@@ -51,6 +51,30 @@ def stats_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def fold_group_norm(layer: nn.Module, u: Tensor, n: Tensor | None, dtype) -> tuple[Tensor, Tensor]:
+    """Conv 0 and its group norm as one per-utterance (weight (batch, channels, kernel), bias
+    (batch, channels)) in ``dtype``, from conv 0's input windows u (batch, frames0, kernel) and the
+    valid frame counts n (batch,) or None: per utterance, mean and variance of conv 0's output over
+    the valid frames are mean(U) W^T and diag(W cov(U) W^T), computed in u's dtype."""
+    acc = u.dtype
+    with torch.no_grad():
+        if n is None:
+            mean_u = u.mean(1)
+            uc = u - mean_u[:, None]
+            cov = uc.transpose(1, 2) @ uc / u.shape[1]  # (transpose: mT has no ONNX export)
+        else:
+            mask = lengths_to_mask(n, u.shape[1])[..., None].to(acc)  # (batch, frames0, 1)
+            count = n.clamp(min=1).to(acc)[:, None]
+            mean_u = (u * mask).sum(1) / count
+            uc = (u - mean_u[:, None]) * mask
+            cov = uc.transpose(1, 2) @ uc / count[..., None]  # (batch, kernel, kernel)
+    gn, wd = layer.layer_norm, layer.conv.weight[:, 0, :].to(acc)
+    mean = mean_u @ wd.T  # (batch, channels); a conv bias cancels out
+    var = ((wd @ cov) * wd).sum(-1)  # (batch, channels)
+    scale = gn.weight.to(acc) / torch.sqrt(var + gn.eps)
+    return (wd * scale[..., None]).to(dtype), (gn.bias.to(acc) - mean * scale).to(dtype)
+
+
 class FastFeatureEncoder(FeatureEncoder):
     """:class:`FeatureEncoder` with the group norm folded into conv 0, channels-last convolutions
     and, without autograd, chunks of ``chunk_frames`` output frames for one utterance
@@ -73,32 +97,16 @@ class FastFeatureEncoder(FeatureEncoder):
 
     def _first_conv(self, wav: Tensor, lengths: Tensor | None, dtype) -> tuple[Tensor, Tensor | None]:
         """Conv 0 as (weight (batch or 1, channels, kernel), bias (batch or 1, channels)), with the
-        group norm folded in: per utterance, mean and variance of conv 0's output over the valid
-        frames are mean(U) W^T and diag(W cov(U) W^T) for the windows U (in :func:`stats_dtype`)."""
+        group norm folded in (:func:`fold_group_norm`)."""
         layer = self.conv_layers[0]
         w, b = layer.conv.weight[:, 0, :], layer.conv.bias  # (channels, kernel), (channels,)
         if layer.norm_kind != "group":
             return w[None].to(dtype), None if b is None else b[None].to(dtype)
         k, s = self.kernels[0], self.strides[0]
-        acc = stats_dtype(wav.device)
         with torch.no_grad():
-            u = wav.unfold(-1, k, s).to(acc)  # (batch, frames0, kernel)
-            if lengths is None:
-                mean_u = u.mean(1)
-                uc = u - mean_u[:, None]
-                cov = uc.mT @ uc / u.shape[1]
-            else:
-                n = conv_output_lengths(lengths, (k,), (s,))
-                mask = lengths_to_mask(n, u.shape[1])[..., None].to(acc)  # (batch, frames0, 1)
-                count = n.clamp(min=1).to(acc)[:, None]
-                mean_u = (u * mask).sum(1) / count
-                uc = (u - mean_u[:, None]) * mask
-                cov = uc.mT @ uc / count[..., None]  # (batch, kernel, kernel)
-        gn, wd = layer.layer_norm, w.to(acc)
-        mean = mean_u @ wd.T  # (batch, channels); a conv bias cancels out
-        var = ((wd @ cov) * wd).sum(-1)  # (batch, channels)
-        scale = gn.weight.to(acc) / torch.sqrt(var + gn.eps)
-        return (wd * scale[..., None]).to(dtype), (gn.bias.to(acc) - mean * scale).to(dtype)
+            u = wav.unfold(-1, k, s).to(stats_dtype(wav.device))  # (batch, frames0, kernel)
+        n = None if lengths is None else conv_output_lengths(lengths, (k,), (s,))
+        return fold_group_norm(layer, u, n, dtype)
 
     def _stack(self, wav: Tensor, w0: Tensor, b0: Tensor | None, dtype) -> Tensor:
         """(batch, samples) -> (batch, frames, channels)."""
