@@ -156,3 +156,29 @@ def test_bad_graphs_and_folders_fail_with_one_line(tmp_path, capsys):
         onnx_model(torch.zeros(1, 16000), output_hidden_states=True)
     with pytest.raises(ValueError, match="shorter than one frame"):
         onnx_model(torch.zeros(1, 100))
+
+
+def test_metadata_records_the_precision_that_ran(tmp_path):
+    """An ONNX graph is float32 or int8: asked for bf16 or auto, it runs (and records) fp32."""
+    onnx_model = w2v2.load_model(export_tiny(tiny_model("group"), tmp_path))
+    wav = torch.randn(16000).numpy()
+    for asked, ran in (("bf16", "fp32"), ("auto", "fp32"), ("fp32", "fp32"), ("int8", "int8")):
+        assert transcribe(onnx_model, wav, TranscribeOptions(precision=asked))["metadata"]["options"]["precision"] == ran
+    ours = transcribe(w2v2.load_model(tmp_path / "ckpt"), wav, TranscribeOptions(precision="bf16"))
+    assert ours["metadata"]["options"]["precision"] == "bf16"  # the PyTorch model runs bf16 as asked
+
+
+def test_item_without_frames_gives_finite_logits_and_leaves_the_others(tmp_path):
+    """The graph's attention masks are finite (no NaN guard over the scores): an item too short for
+    one frame, padded beside a long one, gives finite logits, and the long one is unchanged."""
+    model = tiny_model("layer")
+    onnx_model = w2v2.load_model(export_tiny(model, tmp_path))
+    torch.manual_seed(2)
+    wav = torch.randn(2, 16000)
+    wav[1, 100:] = 0.0
+    got = onnx_model(wav, torch.tensor([16000, 100]))
+    assert got.lengths.tolist() == [model.num_frames(torch.tensor([16000])).item(), 0]
+    assert bool(torch.isfinite(got.logits).all())
+    with w2v2.fast.disabled(), torch.no_grad():
+        alone = model(wav[:1]).logits
+    torch.testing.assert_close(got.logits[:1], alone, atol=1e-4, rtol=0)

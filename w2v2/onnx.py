@@ -222,6 +222,14 @@ def for_precision(model, precision: str):
     return onnx_model.to(model.device)
 
 
+def graph_precision(model, precision: str) -> str:
+    """The precision ``model`` runs when asked for ``precision`` (``fp32``, ``bf16`` or ``int8``):
+    an :class:`OnnxModel` runs its float32 graph for anything but ``int8``."""
+    if isinstance(model, OnnxModel):
+        return "int8" if precision == "int8" else "fp32"
+    return precision
+
+
 class _Head:
     """Stands for the CTC head the transcription path checks for (``model.lm_head is not None``)."""
 
@@ -272,7 +280,7 @@ class OnnxModel:
 
     def set_precision(self, precision: str) -> "OnnxModel":
         """``fp32`` (``auto`` and ``bf16`` mean fp32 here: the graph is float32) or ``int8``."""
-        self.precision = "int8" if precision == "int8" else "fp32"
+        self.precision = graph_precision(self, precision)
         return self
 
     def parameters(self) -> Iterator[torch.Tensor]:

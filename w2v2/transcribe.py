@@ -23,7 +23,7 @@ from . import __version__
 from .decoding import BeamSearchDecoder, DecodedText, align_text, greedy_decode_path, join_decoded, segment_words
 from .emissions import AudioInput, Emissions, compute_emissions, plan_chunks
 from .model import Wav2Vec2
-from .onnx import for_precision
+from .onnx import for_precision, graph_precision
 from .precision import check_precision, resolve_device, resolve_precision
 from .vad import RegionSplit, load_vad
 
@@ -93,13 +93,15 @@ class Transcriber:
         if model.lm_head is None or model.vocab is None:
             raise ValueError("this model has no CTC head and vocabulary; transcription needs a fine-tuned model")
         device = resolve_device(options.device)
+        precision = resolve_precision(device, options.precision)
+        model = for_precision(model, precision).to(device).eval()  # int8: onnxruntime
         options = dataclasses.replace(
             options,
             device=str(device),
-            precision=resolve_precision(device, options.precision),
+            precision=graph_precision(model, precision),  # what runs: an ONNX graph has no bf16
             batch_size=options.batch_size or (8 if device.type == "cuda" else 1),
         )
-        self.model = for_precision(model, options.precision).to(device).eval()  # int8: onnxruntime
+        self.model = model
         self.options = options
         self.model_name = model_name
         self.plan = plan_chunks(options.chunk_seconds, options.stride_seconds, model.config)
