@@ -158,6 +158,8 @@ def _finite_attention_masks(graph_bytes: bytes) -> bytes:
     kept = [n for n in nodes if id(n) not in drop]
     for n in kept:
         n.input[:] = [rename.get(i, i) for i in n.input]
+    used = {i for n in kept for i in n.input} | {rename.get(o.name, o.name) for o in model.graph.output}
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]  # the guards' zeros
     for o in model.graph.output:
         o.name = rename.get(o.name, o.name)
     del nodes[:]
@@ -251,7 +253,7 @@ class OnnxModel:
     training = False
 
     def __init__(self, path: str | os.PathLike, config: ModelConfig, vocab: Vocabulary | None,
-                 threads: int | None = None):
+                 threads: int | None = None):  # threads: None follows torch.get_num_threads()
         self.path = Path(path)
         self.config = config
         self.vocab = vocab
@@ -331,8 +333,8 @@ class OnnxModel:
                                      "(install onnxruntime-gpu)")
                 providers.insert(0, "CUDAExecutionProvider")
             opts = ort.SessionOptions()
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
+            # onnxruntime reads neither OMP_NUM_THREADS nor torch's setting: the same threads as PyTorch
+            opts.intra_op_num_threads = self.threads or torch.get_num_threads()
             graph = self.path if self.precision == "fp32" else self._int8_graph()
             try:
                 self._sessions[key] = ort.InferenceSession(str(graph), opts, providers=providers)
