@@ -4,7 +4,7 @@
     python benchmarks/inference.py --quick    # one timed repeat, no memory measurement
     python benchmarks/inference.py --model DIR  # a checkpoint directory (Hugging Face layout)
 
-Also our ONNX export run by onnxruntime, in float32 and with dynamic int8 matrix products
+Also our ONNX export run by onnxruntime, in float32 and with the Transformer's matrix products in dynamic int8
 (``--precision int8``), on the same threads.
 
 Same weights, inputs and threads for both libraries, all variants timed interleaved in one

@@ -8,16 +8,20 @@ The graph takes ``waveforms`` (batch, samples) float32, zero-padded, and ``lengt
 int64 valid samples; it returns ``logits`` (batch, frames, vocab) and ``frame_lengths`` (batch,).
 Batch and length axes are dynamic. It is the plain path (``w2v2.fast`` off) traced with a padded
 example, so every item is normalised, group-normed and attended over its own valid samples only:
-a padded item gives the logits it gives alone.
+a padded item gives the logits it gives alone. Two parts are restated for onnxruntime, computing
+the same function: the feature encoder runs channels last with each convolution as one ``MatMul``
+of strided windows and conv 0's group norm folded into its weights (:class:`_ConvsAsProducts`),
+and the attention masks are finite (:func:`_finite_attention_masks`).
 
 Why the TorchScript exporter: the dynamo exporter (``torch.export``) refuses the forward's
 data-dependent Python branches (input checks such as "a length exceeds the padded size", and the
 shortcut that skips the attention mask when nothing is padded). The tracer records the padded
 path, which is the same function on unpadded input (docs/deploy.md).
 
-int8: :func:`quantize_onnx` rewrites the graph's matrix products (``MatMul``: the Transformer's
-projections and feed-forwards, the CTC head) to dynamic int8 with onnxruntime (weights per output
-channel, activations per call); convolutions, norms and attention scores stay float32.
+int8: :func:`quantize_onnx` rewrites the Transformer's matrix products (``MatMul``: projections,
+feed-forwards, the feature projection and the CTC head) to dynamic int8 with onnxruntime (weights
+per output channel, activations per call); the feature encoder, norms and attention scores stay
+float32.
 """
 
 from __future__ import annotations
