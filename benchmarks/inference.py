@@ -4,8 +4,8 @@
     python benchmarks/inference.py --quick    # one timed repeat, no memory measurement
     python benchmarks/inference.py --model DIR  # a checkpoint directory (Hugging Face layout)
 
-Also our ONNX export run by onnxruntime, in float32 and with the Transformer's matrix products in dynamic int8
-(``--precision int8``), on the same threads.
+Also our ONNX export run by onnxruntime, in float32 and with the Transformer's matrix products
+in dynamic int8 (``--precision int8``), on the same threads.
 
 Same weights, inputs and threads for both libraries, all variants timed interleaved in one
 process; medians reported. GFLOP/s count the model's multiply-adds analytically from its config
