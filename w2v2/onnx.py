@@ -75,9 +75,9 @@ def windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 class _ConvsAsProducts(nn.Module):
     """The feature encoder computed channels last, each convolution as one matrix product of its
-    input's windows: onnxruntime runs a ``MatMul`` with its GEMM, faster than its ``Conv`` on these
-    shapes, and :func:`quantize_onnx` can make it int8. Returns what ``FeatureEncoder.forward``
-    returns, (batch, channels, frames)."""
+    input's windows (onnxruntime runs a ``MatMul`` with its GEMM, faster than its ``Conv`` on these
+    shapes), conv 0's group norm folded into its weights as in the fast path. Returns what
+    ``FeatureEncoder.forward`` returns, (batch, channels, frames)."""
 
     def __init__(self, encoder: FeatureEncoder):
         super().__init__()
@@ -139,7 +139,6 @@ def _finite_attention_masks(graph_bytes: bytes) -> bytes:
     valid frame) averages its values instead of giving NaN, and no other row changes (its masked
     keys still get a weight of exactly 0). The guard is a pass over (batch, heads, frames, frames)."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load_from_string(graph_bytes)
     nodes = model.graph.node
@@ -158,7 +157,7 @@ def _finite_attention_masks(graph_bytes: bytes) -> bytes:
         for name in add.input:
             where = by_output.get(name)
             if where is not None and where.op_type == "Where":
-                _make_finite(by_output.get(where.input[2]), numpy_helper)
+                _make_finite(by_output.get(where.input[2]))
     kept = [n for n in nodes if id(n) not in drop]
     for n in kept:
         n.input[:] = [rename.get(i, i) for i in n.input]
@@ -171,8 +170,10 @@ def _finite_attention_masks(graph_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def _make_finite(constant, numpy_helper) -> None:
+def _make_finite(constant) -> None:
     """Set a ``Constant`` node holding -inf to float32's lowest finite value."""
+    from onnx import numpy_helper
+
     if constant is None or constant.op_type != "Constant":
         return
     for attr in constant.attribute:
