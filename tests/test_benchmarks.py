@@ -128,3 +128,16 @@ def test_manifest_scale_quick_run(data_dir):
               "--data", str(data_dir / "librispeech-unlabeled"))
     rows = table_rows(out, "1200")
     assert len(rows) == 1 and float(rows[0][4]) > 0 and float(rows[0][5]) > 0 and rows[0][7], out
+
+
+def test_data_formats_quick_run_prints_both_sources(data_dir):
+    out = run("benchmarks/data_formats.py", "--data", str(data_dir), "--limit", "40", "--workers", "1")
+    rows = {r[0]: r for r in table_rows(out, "files") + table_rows(out, "tar")}
+    assert set(rows) == {"files (TSV)", "tar shards"}, out
+    assert rows["files (TSV)"][3] == rows["tar shards"][3] == "40"  # every utterance, once, from either source
+
+
+def test_shard_plan_quick_run():
+    out = run("benchmarks/shard_plan.py", "--utterances", "20000")
+    rows = table_rows(out, "1 x 4") + table_rows(out, "8 x 4")
+    assert len(rows) == 2 and int(rows[0][2]) > 7 * int(rows[1][2]), out  # 8 ranks share the batches

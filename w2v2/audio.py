@@ -277,6 +277,60 @@ def _resolve(path_or_file: str | os.PathLike | BinaryIO) -> tuple[str, Source]:
     return path, path
 
 
+def _address(path_or_file):
+    """A span of a file or a row of a table (``PATH#t=...``, ``TABLE#row=...``, see
+    :mod:`w2v2.formats.sources`), or None for anything else."""
+    if isinstance(path_or_file, (str, os.PathLike)) and "#" in os.fspath(path_or_file):
+        from .formats.sources import parse_address
+
+        try:
+            return parse_address(os.fspath(path_or_file))
+        except ValueError as e:
+            raise AudioError(str(e)) from None
+    return None
+
+
+def _load_address(a, sr: int) -> np.ndarray:
+    """Decode a table row's audio, or a span of a file (libsndfile seeks to it; other formats
+    are decoded whole and cut)."""
+    if a.row is not None:
+        from .formats.sources import row_audio
+
+        try:
+            data, path = row_audio(a)
+        except ValueError as e:
+            raise AudioError(str(e)) from None
+        if data is None:
+            return load_audio(path, sr)
+        buffer = io.BytesIO(data)
+        buffer.name = a.name  # names the row in decoding errors
+        return load_audio(buffer, sr)
+    _check_file(a.base)
+    try:
+        snd = sf.SoundFile(os.fsencode(a.base))
+    except (sf.SoundFileError, RuntimeError, TypeError):
+        if a.channel is not None:
+            raise _error(a.name, "a channel can be chosen only in files libsndfile reads (wav, flac, ogg, ...)") from None
+        audio = load_audio(a.base, sr)[round(a.start * sr):None if a.end is None else round(a.end * sr)]
+    else:
+        with snd:
+            _check_rate(snd.samplerate, a.name)
+            first = round(a.start * snd.samplerate)
+            if a.channel is not None and not 0 <= a.channel < snd.channels:
+                raise _error(a.name, f"no channel {a.channel} (the file has {snd.channels})")
+            try:
+                snd.seek(min(first, snd.frames))
+                block = snd.read(-1 if a.end is None else round(a.end * snd.samplerate) - first, dtype="float32",
+                                 always_2d=True)
+            except (sf.SoundFileError, RuntimeError) as exc:
+                raise _error(a.name, f"cannot decode the span ({_reason(exc)})") from None
+            audio = resample(to_mono(block if a.channel is None else block[:, a.channel]), snd.samplerate, sr)
+    if len(audio) == 0:
+        raise _error(a.name, "the span holds no audio samples (does it start after the end of the file?)")
+    _check_finite(audio, a.name)
+    return audio
+
+
 def _close(source: Source) -> None:
     """Close a stream :func:`_resolve` opened (files and caller's objects are left alone)."""
     if isinstance(source, _Stream):
@@ -443,6 +497,9 @@ def load_audio(path_or_file: str | os.PathLike | BinaryIO, sr: int = SAMPLE_RATE
     Raises :class:`AudioError` naming the input for anything wrong with it; a stream (standard
     input, a pipe) longer than ``STREAM_LOAD_SECONDS`` is refused: use :func:`stream_audio`.
     """
+    address = _address(path_or_file)
+    if address is not None:
+        return _load_address(address, sr)
     name, source = _resolve(path_or_file)
     try:
         rate, chunks = _open_decoder(source, name)
@@ -544,6 +601,12 @@ def audio_duration(path: str | os.PathLike) -> float | None:
     read only once); raises :class:`AudioError` for a missing or non-audio file.
     """
     path = os.fspath(path)
+    address = _address(path)
+    if address is not None:  # a table row: known once decoded; a span: from the address and the header
+        if address.row is not None or address.end is not None:
+            return None if address.row is not None else address.end - address.start
+        total = audio_duration(address.base)
+        return None if total is None else max(0.0, total - address.start)
     if path == "-" or is_url(path) or _path_kind(path) == "stream":
         return None
     _check_file(path)

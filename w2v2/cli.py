@@ -28,6 +28,7 @@ COMMANDS = {
     "embed": ("embed", "extract representations to safetensors/npy"),
     "probe": ("probe", "linear probe accuracy per layer"),
     "plot": ("plot", "render training curves and diagnostics of a run directory"),
+    "prepare": ("prepare", "turn manifests or folders into sorted, length-annotated tar shards"),
     "lm": ("lm", "build an n-gram language model (ARPA) from a text file"),
     "serve": ("serve", "serve OpenAI's transcription API and a web page"),
 }

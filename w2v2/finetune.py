@@ -49,6 +49,9 @@ from .decoding.alignment import min_frames
 from .emissions import utterance_logits
 from .evaluate import error_rates
 from .fileio import atomic_open
+from .formats import is_shard_input
+from .formats.shards import load_catalog
+from .formats.stream import StreamOptions, shard_loader
 from .losses import ctc_loss
 from .masking import compute_channel_mask, compute_mask_indices
 from .model import Wav2Vec2, build_model
@@ -434,14 +437,17 @@ def _write_valid_csv(run_dir: Path, rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------- a run
 def read_data(train: list[str], valid: list[str]) -> tuple[EntryTable, EntryTable]:
-    """The entries of the ``train`` and ``valid`` manifests, which must have a ``text`` column.
-    Raises :class:`w2v2.data.ManifestError` listing every problem of both at once."""
+    """The entries of the ``train`` and ``valid`` manifests, which must have a ``text`` column
+    (``train`` may be tar shards: their utterances, paths ``URL#KEY``). Raises
+    :class:`w2v2.data.ManifestError` listing every problem of both at once."""
     from .data import ManifestError, list_entries
 
     out, problems = [], []
     for inputs in (train, valid):
         try:
-            out.append(list_entries(inputs, require_text=True))
+            shards = inputs is train and all(map(is_shard_input, inputs))
+            out.append(EntryTable.from_entries(e for _, _, e in load_catalog(inputs).entries()) if shards
+                       else list_entries(inputs, require_text=True))
         except ManifestError as e:
             out.append([])
             problems += e.problems
@@ -494,7 +500,9 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
                          "there (DDP)")
     run_dir = Path(run_dir)  # created by the trainer, once everything below has been checked
     train_entries, valid_entries = read_data(train, valid)
-    train_entries = _checked_entries(train_entries, train, "train")
+    catalog = load_catalog(train) if all(map(is_shard_input, train)) else None
+    if catalog is None:  # shards were checked by w2v2 prepare; one that fails to decode is logged and left out
+        train_entries = _checked_entries(train_entries, train, "train")
     vocab = run_vocabulary(run_dir, (t or "" for t in train_entries.texts()), cfg.case, resume)
     model = init_model(init, vocab, **cfg.regularisation())
     freeze_feature_encoder(model, cfg.feature_grad_scale)
@@ -516,11 +524,19 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
              "".join(t for t in vocab.tokens if len(t) == 1))
 
     info = dist_info()
-    dataset = AudioDataset(train_entries, max_samples=None, seed=train_cfg.seed)
-    sampler = BucketBatchSampler(dataset.sizes(), cfg.max_tokens,
-                                 seed=train_cfg.seed, rank=info.rank, world_size=info.world_size,
-                                 max_batch_size=cfg.max_batch_size)
-    loader = make_loader_factory(dataset, sampler, CTCCollate(vocab, cfg.case), cfg.num_workers)
+    collate = CTCCollate(vocab, cfg.case)
+    if catalog is not None:
+        usable = {e.path for e in train_entries}
+        keep = [np.array([f"{url}#{key}" in usable for key in keys]) for url, keys in zip(catalog.urls, catalog.keys)]
+        opts = StreamOptions(cfg.max_tokens, max_batch_size=cfg.max_batch_size, seed=train_cfg.seed)
+        loader = shard_loader(catalog, opts, collate, rank=info.rank, world_size=info.world_size,
+                              num_workers=cfg.num_workers, keep=keep)[1]
+    else:
+        dataset = AudioDataset(train_entries, max_samples=None, seed=train_cfg.seed)
+        sampler = BucketBatchSampler(dataset.sizes(), cfg.max_tokens,
+                                     seed=train_cfg.seed, rank=info.rank, world_size=info.world_size,
+                                     max_batch_size=cfg.max_batch_size)
+        loader = make_loader_factory(dataset, sampler, collate, cfg.num_workers)
     if cfg.freeze_updates > 0 or model.config.layerdrop > 0:
         train_cfg = train_cfg.replace(find_unused_parameters=True)  # DDP: some parameters get no gradient
     validator = Validator(valid_entries, vocab, cfg, run_dir, train_cfg.max_updates)

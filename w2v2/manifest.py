@@ -373,10 +373,20 @@ def list_entries(inputs: Sequence[str | os.PathLike], require_text: bool = False
     ``manifest.tsv`` uses it, so its transcripts come along) and single audio files -> entries.
 
     ``require_text``: every input must be a manifest with a ``text`` column. Raises
-    :class:`ManifestError` listing every problem of every input."""
+    :class:`ManifestError` listing every problem of every input. NeMo JSON lines, Hugging Face
+    datasets (``save_to_disk`` folders, ``.parquet``) and Lhotse cut manifests are read by
+    :func:`w2v2.formats.read_entries`."""
+    from .formats import read_entries
+
     builder = EntryTableBuilder()
     problems: list[str] = []
     for item in map(str, inputs):
+        found = read_entries(item, require_text)  # NeMo, Hugging Face, Lhotse manifests (w2v2.formats)
+        if found is not None:
+            for row in found[0]:
+                builder.add(*row)
+            problems.extend(found[1])
+            continue
         manifest = None
         if item.endswith(MANIFEST_SUFFIXES):
             if not os.path.isfile(item):

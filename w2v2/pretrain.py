@@ -22,12 +22,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import config as model_presets
 from .config import ConfigError, ModelConfig, check_fields, option, valid_fields
+from .formats.shards import ShardCatalog
 from .losses import codebook_perplexity, contrastive_logits, pretraining_loss
 from .masking import compute_mask_indices, gather_masked, gather_negatives, sample_negatives
 from .model import Wav2Vec2
@@ -277,14 +279,31 @@ def prepare_data(inputs, cfg: RunConfig) -> tuple:
     return check_entries(list_entries(inputs), min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
 
 
+def shard_loader_factory(catalog: ShardCatalog, cfg: RunConfig, info):
+    """The cropping loader over tar shards (:mod:`w2v2.formats.stream`), utterances shorter than
+    ``min_samples`` left out (their durations are in the catalog: nothing is probed)."""
+    from .data import Collate
+    from .formats.stream import StreamOptions, shard_loader
+
+    rate = cfg.model.sampling_rate
+    opts = StreamOptions(cfg.data.max_tokens, max_samples=cfg.data.max_samples, crop_to_shortest=True,
+                         seed=cfg.train.seed, sample_rate=rate)
+    keep = [np.round(seconds * rate) >= cfg.data.min_samples for seconds in catalog.seconds]
+    if not any(k.any() for k in keep):
+        raise ValueError(f"no utterance of the shards lasts min_samples ({cfg.data.min_samples}) or more")
+    return shard_loader(catalog, opts, Collate(crop_to_shortest=True, seed=cfg.train.seed), rank=info.rank,
+                        world_size=info.world_size, num_workers=cfg.data.num_workers, keep=keep)[1]
+
+
 def build_trainer(entries, run_dir: str | os.PathLike, cfg: RunConfig, model: Wav2Vec2 | None = None, hooks=()):
-    """Model (fresh from ``cfg.model`` unless given), bucketed cropping loader and trainer for a run."""
+    """Model (fresh from ``cfg.model`` unless given), bucketed cropping loader and trainer for a run.
+    ``entries``: validated entries, or a :class:`w2v2.formats.shards.ShardCatalog`."""
     from .data import AudioDataset, BucketBatchSampler, Collate, make_loader_factory
     from .model import build_model
     from .distributed import dist_info
     from .trainer import Trainer
 
-    if not entries:
+    if not len(entries):
         raise ValueError("no usable audio to pretrain on (every file was missing, unreadable or too short)")
     info = dist_info()
     torch.manual_seed(cfg.train.seed)
@@ -293,11 +312,14 @@ def build_trainer(entries, run_dir: str | os.PathLike, cfg: RunConfig, model: Wa
     elif model.quantizer is None:
         raise ValueError("the model to continue pretraining has no quantizer")
     seed = cfg.train.seed
-    ds = AudioDataset(entries, max_samples=cfg.data.max_samples, seed=seed, sample_rate=cfg.model.sampling_rate,
-                      min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
-    sampler = BucketBatchSampler(ds.sizes(), cfg.data.max_tokens, seed=seed,
-                                 rank=info.rank, world_size=info.world_size, crop_to_shortest=True)
-    loader = make_loader_factory(ds, sampler, Collate(crop_to_shortest=True, seed=seed), cfg.data.num_workers)
+    if isinstance(entries, ShardCatalog):
+        loader = shard_loader_factory(entries, cfg, info)
+    else:
+        ds = AudioDataset(entries, max_samples=cfg.data.max_samples, seed=seed, sample_rate=cfg.model.sampling_rate,
+                          min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
+        sampler = BucketBatchSampler(ds.sizes(), cfg.data.max_tokens, seed=seed,
+                                     rank=info.rank, world_size=info.world_size, crop_to_shortest=True)
+        loader = make_loader_factory(ds, sampler, Collate(crop_to_shortest=True, seed=seed), cfg.data.num_workers)
     train_cfg = cfg.train
     if info.world_size > 1 and cfg.model.layerdrop > 0:
         train_cfg = train_cfg.replace(find_unused_parameters=True)

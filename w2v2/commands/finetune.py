@@ -37,7 +37,8 @@ def add_arguments(p) -> None:
     g.add_argument("--init", required=True,
                    help="pretrained model: our run or checkpoint dir, HF dir or hub id, fairseq .pt, "
                         "or random:PRESET (tiny, small, base, large) or random:CONFIG.json to train from scratch")
-    g.add_argument("--train", required=True, nargs="+", help="manifest(s) with transcripts (path seconds speaker text)")
+    g.add_argument("--train", required=True, nargs="+", help="manifest(s) with transcripts (.tsv path seconds speaker text; NeMo, "
+                   "Lhotse, Hugging Face), or tar shards with texts (w2v2 prepare)")
     g.add_argument("--valid", required=True, nargs="+", help="validation manifest(s)")
     g.add_argument("--out", required=True, help="run directory (checkpoints, metrics, best/)")
     add_shared(g, "--resume")

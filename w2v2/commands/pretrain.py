@@ -23,7 +23,9 @@ DATA = ("max_tokens", "max_samples", "num_workers")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="+", metavar="DATA",
-                        help="manifests (.tsv with a 'path' column), folders of audio, or audio files")
+                        help="manifests (.tsv with a 'path' column, NeMo .json/.jsonl, Lhotse cuts .jsonl.gz, Hugging Face "
+                             ".parquet or save_to_disk folders), folders of audio, audio files; or tar shards "
+                             "(local or fsspec URLs, brace patterns, a w2v2 prepare folder)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoints and metrics")
     parser.add_argument("--preset", default=None, choices=PRESETS,
                         help="model and training preset; None: base, or the run's own configuration with --resume")
@@ -80,6 +82,8 @@ def run(args) -> int:
     from ..checkpoint import load_model
     from ..config import ConfigError
     from ..data import check_entries, list_entries
+    from ..formats import is_shard_input
+    from ..formats.shards import load_catalog
     from ..pretrain import build_trainer
     from ..distributed import dist_info, restart_hint
     from ..trainer import checkpoint_dirs
@@ -93,20 +97,27 @@ def run(args) -> int:
         cfg = _run_config(args, run_dir)
     except ConfigError as e:
         problems += e.problems
+    shards = all(map(is_shard_input, args.data))
     try:
-        entries = list_entries(args.data)
+        entries = load_catalog(args.data) if shards else list_entries(args.data)
     except ConfigError as e:
         problems += e.problems
     if problems:
         raise ConfigError(problems)
-    cfg.data.inputs = [str(Path(p).resolve()) for p in args.data]
+    cfg.data.inputs = [p if "://" in p else str(Path(p).resolve()) for p in args.data]
     main = dist_info().is_main
 
-    good, bad = check_entries(entries, min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
-    if main:
-        report_bad(bad)
-        hours = good.total_seconds() / 3600
-        log.info("%d files (%.2f h) to train on, %d skipped", len(good), hours, len(bad))
+    if shards:  # checked by w2v2 prepare; an utterance that fails to decode is logged and left out
+        good = entries
+        if main:
+            log.info("%d utterances (%.2f h) in %d shards", len(good), sum(s.sum() for s in good.seconds) / 3600,
+                     len(good.urls))
+    else:
+        good, bad = check_entries(entries, min_seconds=cfg.data.min_samples / cfg.model.sampling_rate)
+        if main:
+            report_bad(bad)
+            hours = good.total_seconds() / 3600
+            log.info("%d files (%.2f h) to train on, %d skipped", len(good), hours, len(bad))
     model = load_model(args.init, with_quantizer=True).train() if args.init else None
     if model is not None:
         cfg.model = model.config

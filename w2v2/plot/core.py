@@ -71,10 +71,16 @@ class PlotContext:
         """Up to ``max_audio`` decoded files: ``audio`` if given, else spread over the run's data."""
         if "audio" not in self._cache:
             from ..audio import AudioError, load_audio
+            from ..formats import is_shard_input
             files = list(self.audio)
+            inputs = [] if files else self.run_config().get("data", {}).get("inputs", [])
+            if inputs and all(map(is_shard_input, inputs)):  # a run on tar shards: a few of their utterances
+                from ..formats.shards import shard_waveforms
+                found = shard_waveforms(inputs, self.max_audio, min_samples=16000)
+                self._cache["audio"] = [(name, wav[:16000 * 6]) for name, wav in found]
+                return self._cache["audio"]
             if not files:
                 from ..data import list_entries
-                inputs = self.run_config().get("data", {}).get("inputs", [])
                 entries = list_entries(inputs) if inputs else []
                 step = max(1, len(entries) // self.max_audio)
                 files = [e.path for e in entries[::step]]
