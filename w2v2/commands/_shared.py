@@ -60,11 +60,12 @@ def load_cli_model(args: argparse.Namespace, **kwargs):
     when none is named, with a line on stderr saying what that model is and how accurate (its
     model card)."""
     from ..checkpoint import default_model_notice, load_model
+    from ..distributed import dist_info
     from ..precision import resolve_device
 
     model = load_model(args.model, device=resolve_device(args.device), **kwargs)
     notice = default_model_notice() if args.model is None else None
-    if notice:
+    if notice and dist_info().is_main:  # under torchrun, once per job
         print(notice, file=sys.stderr)
     return model
 
