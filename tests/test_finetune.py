@@ -6,6 +6,8 @@ import csv
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import w2v2
@@ -270,3 +272,22 @@ def test_ddp_with_freezing_and_layerdrop_keeps_ranks_in_step(tmp_path, short_man
     assert "lm_head.weight" in changed and "feature_projection.projection.weight" in changed
     assert not any(k.startswith("feature_extractor.") for k in changed)
     assert [int(r["update"]) for r in csv.DictReader(open(tmp_path / "run" / "valid.csv"))] == [2, 3]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ABCAAB |é<", max_size=12), with_unk=st.booleans())
+def test_frames_needed_equals_min_frames_of_the_encoded_text(text, with_unk):
+    """The start-up shortcut counts what min_frames(encode) counts: repeats, spaces, the delimiter
+    character itself, and characters outside the vocabulary (mapped to <unk>, or refused)."""
+    from w2v2.decoding.alignment import min_frames
+    from w2v2.finetune import frames_needed
+    from w2v2.vocab import BLANK, UNK, WORD_DELIMITER, Vocabulary
+
+    vocab = Vocabulary((BLANK, *([UNK] if with_unk else []), WORD_DELIMITER, "A", "B", "C"))
+    try:
+        expected = min_frames(vocab.encode(text))
+    except ValueError:
+        with pytest.raises(ValueError):
+            frames_needed(text, vocab)
+        return
+    assert frames_needed(text, vocab) == expected

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,24 @@ def encode_text(text: str | None, vocab: Vocabulary, case: str | None) -> list[i
     return vocab.encode(normalize_text(text or "", case=case))
 
 
+_ADJACENT_REPEATS = re.compile(r"(.)(?=\1)", re.S)
+
+
+def frames_needed(text: str, vocab: Vocabulary) -> int:
+    """``min_frames(vocab.encode(text))`` for normalised ``text``, without a list per transcript:
+    when every character has its own token (and none is the word delimiter, which spaces become),
+    tokens and characters correspond one to one, so their count and adjacent repeats are the
+    text's. Fine-tuning asks this of every transcript at start-up (a million of them at corpus scale)."""
+    known = vocab.__dict__.get("_single_chars")
+    if known is None:  # frozen dataclass: cached on the instance dict, like its lookup table
+        known = frozenset(t for t in vocab.tokens if len(t) == 1) | (
+            {" "} if vocab.word_delimiter in vocab.tokens else set())
+        object.__setattr__(vocab, "_single_chars", known)
+    if vocab.word_delimiter not in text and known.issuperset(text):
+        return len(text) + len(_ADJACENT_REPEATS.findall(text))
+    return min_frames(vocab.encode(text))
+
+
 def usable_entries(entries: Sequence[Entry], vocab: Vocabulary, case: str | None,
                    num_frames) -> tuple[EntryTable, list[tuple[Entry, str]]]:
     """Drop utterances CTC cannot learn from: no text after normalisation, or audio too short
@@ -210,11 +229,11 @@ def usable_entries(entries: Sequence[Entry], vocab: Vocabulary, case: str | None
     keep = np.ones(len(table), bool)
     bad = []
     for i, text in enumerate(table.texts()):
-        targets = encode_text(text, vocab, case)
-        if not targets:
+        normalised = normalize_text(text or "", case=case)
+        if not normalised:
             reason = "no transcript after normalisation"
-        elif frames[i] < min_frames(targets):
-            reason = f"{frames[i]} frames cannot hold {len(targets)} characters"
+        elif frames[i] < frames_needed(normalised, vocab):
+            reason = f"{frames[i]} frames cannot hold {len(vocab.encode(normalised))} characters"
         else:
             continue
         keep[i] = False
