@@ -76,20 +76,35 @@ def test_nemo_offset_is_a_span_of_the_file(tmp_path, rows):
     assert np.allclose(load_audio(entry.path), whole[8000:8000 + 20000], atol=2e-3)
 
 
+def _audio_dataset(datasets, columns: dict):
+    """A Hugging Face dataset with an undecoded ``audio`` column, as users' datasets hold one.
+    Built from an Arrow table with a given fingerprint: ``Dataset.from_dict`` hashes the table with
+    dill, which fails under pyarrow 25 (the newest pyarrow that imports with the NumPy 1.x that
+    pyctcdecode, in ``.[lm]``, pins), and the fingerprint plays no part in what is read here."""
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    features = datasets.Features({name: datasets.Audio(decode=False) if name == "audio"
+                                  else datasets.Value("float64" if name == "duration" else "string")
+                                  for name in columns})
+    table = pa.table({name: pa.array(values) for name, values in columns.items()}).cast(features.arrow_schema)
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features), fingerprint="fixture")
+
+
 def test_hugging_face_disk_and_parquet_read_like_the_tsv(tmp_path, rows, tsv):
     datasets = pytest.importorskip("datasets")
     want = list_entries([tsv])
-    by_path = datasets.Dataset.from_dict({
+    by_path = _audio_dataset(datasets, {
         "audio": [{"bytes": None, "path": r["path"]} for r in rows], "text": [r["text"] for r in rows],
         "speaker_id": [r["speaker"] for r in rows], "duration": [float(r["seconds"]) for r in rows],
-    }).cast_column("audio", datasets.Audio(decode=False))
+    })
     by_path.to_parquet(str(tmp_path / "paths.parquet"))  # paths stay paths (save_to_disk would embed the bytes)
     same_entries(list_entries([tmp_path / "paths.parquet"], require_text=True), want)
 
-    embedded = datasets.Dataset.from_dict({
+    embedded = _audio_dataset(datasets, {
         "audio": [{"bytes": open(r["path"], "rb").read(), "path": None} for r in rows],
         "sentence": [r["text"] for r in rows], "speaker": [r["speaker"] for r in rows],
-    }).cast_column("audio", datasets.Audio(decode=False))
+    })
     embedded.save_to_disk(str(tmp_path / "bytes"))
     embedded.to_parquet(str(tmp_path / "bytes.parquet"))
     for source in (tmp_path / "bytes", tmp_path / "bytes.parquet"):
