@@ -360,6 +360,8 @@ def verify_checksums(directory: str | os.PathLike, names: list[str] | None = Non
     directory = Path(directory)
     if not (directory / CHECKSUMS).exists():
         return
+    if not (directory / CHECKSUMS).is_file():  # a FIFO would block the read, a device never end it
+        raise ValueError(f"{directory / CHECKSUMS}: not a regular file")
     try:
         sums = json.loads((directory / CHECKSUMS).read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -219,6 +219,7 @@ def read_checkpoint(path: str | os.PathLike, model: nn.Module) -> tuple[dict, di
     missing (any of :data:`REQUIRED_FILES` or of the files its checksums list), truncated or
     corrupted; changes nothing (``model`` only says how weights are stored)."""
     from .checkpoint import CheckpointError
+    from .safeload import torch_load
 
     path = Path(path)
     if not path.is_dir():
@@ -231,11 +232,7 @@ def read_checkpoint(path: str | os.PathLike, model: nn.Module) -> tuple[dict, di
         verify_checksums(path)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncation and corruption surface as many exception types
-        raise CheckpointError(f"{path / STATE_FILE}: truncated or corrupted ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    state = torch_load(path / STATE_FILE)  # the checks of every other torch file: no code, bounded memory
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise CheckpointError(f"{path / STATE_FILE}: not a trainer state (expected the keys {', '.join(STATE_KEYS)})")
     try:
