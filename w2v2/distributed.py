@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .safeload import first_line
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -60,7 +62,7 @@ _PEER_LOST_MARKS = ("gloo", "nccl", "connection closed by peer", "connection res
 
 def peer_failure(error: BaseException) -> str | None:
     """A one-line account of ``error`` when it says another process of the job failed, else None."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error) or type(error).__name__
     if isinstance(error, dist.DistError) or (
             isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _PEER_LOST_MARKS)):
         return (f"another process of the distributed job failed or was lost ({type(error).__name__}: {text[:200]}); "

@@ -209,12 +209,7 @@ def frames_needed(text: str, vocab: Vocabulary) -> int:
     when every character has its own token (and none is the word delimiter, which spaces become),
     tokens and characters correspond one to one, so their count and adjacent repeats are the
     text's. Fine-tuning asks this of every transcript at start-up (a million of them at corpus scale)."""
-    known = vocab.__dict__.get("_single_chars")
-    if known is None:  # frozen dataclass: cached on the instance dict, like its lookup table
-        known = frozenset(t for t in vocab.tokens if len(t) == 1) | (
-            {" "} if vocab.word_delimiter in vocab.tokens else set())
-        object.__setattr__(vocab, "_single_chars", known)
-    if vocab.word_delimiter not in text and known.issuperset(text):
+    if vocab.word_delimiter not in text and vocab.plain_characters.issuperset(text):
         return len(text) + len(_ADJACENT_REPEATS.findall(text))
     return min_frames(vocab.encode(text))
 

@@ -46,6 +46,7 @@ from .fast.layers import fold_group_norm
 from .fileio import atomic_write_bytes
 from .model import ModelOutput, Wav2Vec2
 from .modules import FeatureEncoder, conv_output_lengths
+from .safeload import first_line
 from .vocab import Vocabulary
 
 OPSET = 17  # LayerNormalization is an op from 17; onnxruntime's CPU and CUDA providers run it
@@ -344,8 +345,7 @@ class OnnxModel:
             try:
                 self._sessions[key] = ort.InferenceSession(str(graph), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own classes for a bad file
-                raise ValueError(f"{graph}: not a runnable ONNX graph ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                raise ValueError(f"{graph}: not a runnable ONNX graph ({type(e).__name__}: {first_line(e)})") from e
         return self._sessions[key]
 
     def _int8_graph(self) -> Path:

@@ -57,6 +57,17 @@ class Vocabulary:
             object.__setattr__(self, "_lookup_cache", cache)
         return cache
 
+    @property
+    def plain_characters(self) -> frozenset[str]:
+        """Characters that :meth:`encode` maps to a token of their own: one-character tokens, and the
+        space (to the word delimiter) when there is one."""
+        cache = self.__dict__.get("_plain_characters_cache")  # frozen dataclass: as for ``_lookup``
+        if cache is None:
+            cache = frozenset(t for t in self.tokens if len(t) == 1) | (
+                {" "} if self.word_delimiter in self.tokens else frozenset())
+            object.__setattr__(self, "_plain_characters_cache", cache)
+        return cache
+
     def encode(self, text: str) -> list[int]:
         """Characters of already-normalised text to indices; spaces become the word delimiter.
 
