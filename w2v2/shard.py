@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from .distributed import DistInfo, dist_info
 from .errors import UserError
+from .safeload import first_line
 
 T = TypeVar("T")
 
@@ -113,13 +114,8 @@ def gather(obj: T) -> list[T]:
         dist.all_gather_object(out, obj)
     except (RuntimeError, dist.DistError) as e:
         raise GatherTimeout(f"rank {info.rank}: the other processes did not all finish within {timeout:g} s "
-                            f"({GATHER_TIMEOUT_ENV}); one of them hangs or was stopped ({_first_line(e)})") from e
+                            f"({GATHER_TIMEOUT_ENV}); one of them hangs or was stopped ({first_line(e) or type(e).__name__})") from e
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import DEVICE_HELP, PROGRESS_HELP, option
-from .distributed import dist_info, init_distributed
+from .distributed import init_distributed
 from .fileio import atomic_open
 from .precision import resolve_device
 from .runs import (CHECKPOINT_PREFIX, STATE_FILE, MetricLog, RunError, RunLock, checkpoint_dirs,  # noqa: F401
@@ -287,8 +287,7 @@ class Trainer:
         self.batch_samples = batch_samples  # the most audio samples of one micro-batch (max_tokens): for the log
         # resolved once: every checkpoint path derives from it, so one checkpoint has one path
         self.run_dir = Path(run_dir).resolve()
-        launch = dist_info()  # under torchrun, each process takes the GPU of its local rank
-        self.device = resolve_device(cfg.device, launch.local_rank if launch.world_size > 1 else None)
+        self.device = resolve_device(cfg.device)  # under torchrun, the GPU of this process's local rank
         self.info = init_distributed(self.device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU (GradScaler); on CPU use bf16 or fp32")
