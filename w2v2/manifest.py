@@ -220,7 +220,8 @@ class EntryTableBuilder:
         self.has_text.append(text is not None)
 
     def add_entries(self, entries: Iterable[Entry]) -> None:
-        """Every :class:`Entry` of ``entries`` (a reader of another manifest format), one at a time."""
+        """Every :class:`Entry` of ``entries``, or row with its fields (what the readers of other manifest
+        formats return), one at a time."""
         for e in entries:
             self.add(e.path, e.seconds, e.speaker, e.text)
 
@@ -383,8 +384,7 @@ def list_entries(inputs: Sequence[str | os.PathLike], require_text: bool = False
     for item in map(str, inputs):
         found = read_entries(item, require_text)  # NeMo, Hugging Face, Lhotse manifests (w2v2.formats)
         if found is not None:
-            for row in found[0]:
-                builder.add(*row)
+            builder.add_entries(found[0])
             problems.extend(found[1])
             continue
         manifest = None
@@ -439,11 +439,8 @@ def validate_entries(entries: Sequence[Entry], min_seconds: float = 0.0,
     """Check every file before training: it exists, is readable, has a decodable header, and
     lasts at least ``min_seconds``. Returns ``(good, bad)``: good entries carry the duration read
     from the file (which replaces a manifest's ``seconds``); bad ones come with the reason."""
-    good, bad = [], []
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for entry, reason in pool.map(lambda e: check_file(e, min_seconds), entries):
-            (bad.append((entry, reason)) if reason else good.append(entry))
-    return good, bad
+    good, bad = check_entries(entries, min_seconds, upfront_limit=len(entries), threads=threads)  # every file
+    return list(good), bad
 
 
 def check_entries(entries: Sequence[Entry], min_seconds: float = 0.0, upfront_limit: int = UPFRONT_LIMIT,

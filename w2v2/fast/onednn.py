@@ -57,6 +57,7 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return vendor, frozenset(flags)
 
 
+@functools.cache  # asked by every attention call: the answer is the machine's
 def mkl_optimized() -> bool:
     """Whether PyTorch's CPU kernels that call MKL (the flash attention kernel's float32 and
     bf16 products among them) get MKL's optimized code: on Intel CPUs. Elsewhere MKL takes a
