@@ -507,12 +507,10 @@ class Trainer:
         Every rank calls it: with several processes each one's RNG state is gathered (masks,
         dropout and crops differ per rank, so an exact resume needs them all), under FSDP the
         weights and optimizer state too; rank 0 alone writes, the same files as one process."""
-        if self.info.world_size == 1:
-            return write_checkpoint(self.run_dir, self.step, self.model, self.state_dict, self.cfg.keep_last,
-                                    resumed_from=self._resumed_from)
-        rank_rng = [None] * self.info.world_size if self.info.is_main else None
-        dist.gather_object(rng_state(), rank_rng, dst=0)
-        weights = optimizer = None
+        rank_rng = weights = optimizer = None
+        if self.info.world_size > 1:
+            rank_rng = [None] * self.info.world_size if self.info.is_main else None
+            dist.gather_object(rng_state(), rank_rng, dst=0)
         if self.sharded:
             weights = _gathered(self.model.state_dict(), self.info.is_main)
             optimizer = _gathered(self.optimizer.state_dict(), self.info.is_main)
