@@ -51,7 +51,7 @@ from .emissions import utterance_logits
 from .evaluate import error_rates
 from .fileio import atomic_open
 from .formats import is_shard_input
-from .formats.shards import load_catalog
+from .formats.shards import ShardCatalog, load_catalog
 from .formats.stream import StreamOptions, shard_loader
 from .losses import ctc_loss
 from .masking import compute_channel_mask, compute_mask_indices
@@ -454,20 +454,27 @@ def read_data(train: list[str], valid: list[str]) -> tuple[EntryTable, EntryTabl
     """The entries of the ``train`` and ``valid`` manifests, which must have a ``text`` column
     (``train`` may be tar shards: their utterances, paths ``URL#KEY``). Raises
     :class:`w2v2.data.ManifestError` listing every problem of both at once."""
+    return _read_data(train, valid)[:2]
+
+
+def _read_data(train: list[str], valid: list[str]) -> tuple[EntryTable, EntryTable, ShardCatalog | None]:
+    """:func:`read_data`, and the shards' catalog when ``train`` is tar shards (else None), read once."""
     from .data import ManifestError, list_entries
 
-    out, problems = [], []
+    out, problems, catalog = [], [], None
     for inputs in (train, valid):
         try:
-            shards = inputs is train and all(map(is_shard_input, inputs))
-            out.append(EntryTable.from_entries(e for _, _, e in load_catalog(inputs).entries()) if shards
-                       else list_entries(inputs, require_text=True))
+            if inputs is train and all(map(is_shard_input, inputs)):
+                catalog = load_catalog(inputs)
+                out.append(EntryTable.from_entries(e for _, _, e in catalog.entries()))
+            else:
+                out.append(list_entries(inputs, require_text=True))
         except ManifestError as e:
             out.append([])
             problems += e.problems
     if problems:
         raise ManifestError(problems)
-    return out[0], out[1]
+    return out[0], out[1], catalog
 
 
 def _checked_entries(entries: EntryTable, inputs: list[str], what: str) -> EntryTable:
@@ -513,8 +520,7 @@ def finetune(init: str, train: list[str], valid: list[str], run_dir: str | os.Pa
         raise ValueError("fsdp is for pretraining; fine-tuning validates on rank 0 alone and needs whole weights "
                          "there (DDP)")
     run_dir = Path(run_dir)  # created by the trainer, once everything below has been checked
-    train_entries, valid_entries = read_data(train, valid)
-    catalog = load_catalog(train) if all(map(is_shard_input, train)) else None
+    train_entries, valid_entries, catalog = _read_data(train, valid)
     if catalog is None:  # shards were checked by w2v2 prepare; one that fails to decode is logged and left out
         train_entries = _checked_entries(train_entries, train, "train")
     vocab = run_vocabulary(run_dir, (t or "" for t in train_entries.texts()), cfg.case, resume)
