@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, AudioError, audio_duration, list_audio_files, load_audio
+from .audio import SAMPLE_RATE, AudioError, list_audio_files, load_audio
 from .data import pad_waveforms, padded_length, read_rows
 from .model import Wav2Vec2
+from .shard import probe_seconds
 
 POOLS = ("mean", "none")
 
@@ -199,10 +200,7 @@ def item_seconds(item: Item) -> float:
         return item.seconds
     if isinstance(item.source, np.ndarray):
         return len(item.source) / SAMPLE_RATE
-    try:
-        return audio_duration(item.source) or 0.0
-    except (AudioError, OSError):
-        return 0.0  # it will fail when loaded, with a proper message
+    return probe_seconds(item.source)  # 0 when unreadable: it fails when loaded, with a proper message
 
 
 def _load(item: Item, min_samples: int) -> np.ndarray:

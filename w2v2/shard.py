@@ -68,15 +68,20 @@ def my_share(items: Sequence[T], seconds: Callable[[T], float], info: DistInfo |
     return balance([seconds(item) for item in items], info.world_size)[info.rank]
 
 
-def probe_seconds(path: str) -> float:
-    """Audio length from the file's header (no decoding); 0 when it is not recorded or the file is
-    unreadable (it fails with its own message when its turn comes)."""
+def header_seconds(path: str) -> float | None:
+    """Audio length from the file's header (no decoding); None when the header does not record
+    it, 0 when the file is unreadable (it fails with its own message when its turn comes)."""
     from .audio import audio_duration
 
     try:
-        return audio_duration(path) or 0.0
+        return audio_duration(path)
     except Exception:
         return 0.0
+
+
+def probe_seconds(path: str) -> float:
+    """:func:`header_seconds`, 0 when unknown: a weight for :func:`balance`."""
+    return header_seconds(path) or 0.0
 
 
 def gather_timeout() -> float:

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audio import audio_duration, is_url
+    from ..audio import is_url
+    from ..shard import header_seconds
     from ..transcribe import Transcriber
 
     check_output_arguments(args)
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     options = transcribe_options(args)
     model = load_cli_model(args)
     transcriber = Transcriber(model, options, model_name=args.model or "default")
-    durations = [None if i == "-" or is_url(i) else _duration(audio_duration, i) for i in inputs]
+    durations = [None if i == "-" or is_url(i) else header_seconds(i) for i in inputs]
     total = None if None in durations else sum(durations)
     with tempfile.TemporaryDirectory(prefix="w2v2-url-") as tmp, _progress(total) as bar:
         names: dict[int, str] = {}  # input index -> name its outputs are called after
@@ -177,11 +178,6 @@ def _outputs_exist(item: str, name: str, args: argparse.Namespace) -> bool:
     return all((Path(args.output_dir) / f"{name}.{fmt}").exists() for fmt in output_formats(args))
 
 
-def _duration(audio_duration, path: str) -> float | None:
-    try:
-        return audio_duration(path)
-    except Exception:  # reported when the file is transcribed
-        return 0.0
 
 
 def _progress(total: float | None):
